@@ -1,0 +1,26 @@
+"""Pure-torch merge engine: LoRA factors in, one merged LoRA's factors out.
+
+No file I/O, YAML or mergekit planner here. Entry point::
+
+    from mergekit_ctm.engine import merge_lora
+    out = merge_lora(As, Bs, scalings, method="ctm", rank=16, beta=0.5,
+                     base_rule="ties", rule_params={"density": 0.5})
+    out.B @ out.A   # merged ΔW, scaling 1
+"""
+
+from mergekit_ctm.engine.api import METHODS, SPACES, merge_lora
+from mergekit_ctm.engine.core import CoreSpace, build_core_space
+from mergekit_ctm.engine.tucker import Tucker2Result, tucker2, tucker2_dense
+from mergekit_ctm.engine.types import MergedLora
+
+__all__ = [
+    "METHODS",
+    "SPACES",
+    "CoreSpace",
+    "MergedLora",
+    "Tucker2Result",
+    "build_core_space",
+    "merge_lora",
+    "tucker2",
+    "tucker2_dense",
+]

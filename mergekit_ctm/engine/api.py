@@ -1,0 +1,115 @@
+"""Public entry point of the engine: ``merge_lora``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mergekit_ctm.engine import pipelines
+from mergekit_ctm.engine.lego import lora_lego
+from mergekit_ctm.engine.types import MergedLora
+
+METHODS = ("ctm", "core_space", "mtc", "lora_lego")
+SPACES = ("full", "knots", "core")
+
+
+def _check_inputs(As, Bs, scalings) -> tuple[int, int]:
+    if not (len(As) == len(Bs) == len(scalings)) or not As:
+        raise ValueError(
+            f"merge_lora needs equally many A factors, B factors and scalings (≥ 1); got "
+            f"{len(As)}, {len(Bs)}, {len(scalings)}"
+        )
+    n, m = Bs[0].shape[0], As[0].shape[1]
+    device = As[0].device
+    for t, (A, B) in enumerate(zip(As, Bs)):
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"adapter {t}: expected A (r × m) and B (n × r) with the same r; got A "
+                f"{tuple(A.shape)}, B {tuple(B.shape)}"
+            )
+        if B.shape[0] != n or A.shape[1] != m:
+            raise ValueError(
+                f"adapter {t}: ΔW is {B.shape[0]} × {A.shape[1]} but adapter 0's is {n} × {m}"
+            )
+        if A.device != device or B.device != device:
+            raise ValueError(f"adapter {t}: all factors must be on {device}")
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise ValueError(f"adapter {t}: factors must be floating point")
+    return n, m
+
+
+def merge_lora(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    *,
+    method: str = "ctm",
+    rank: int | None = 16,
+    beta: float = 0.5,
+    base_rule: str = "task_arithmetic",
+    rule_params: Mapping[str, Any] | None = None,
+    space: str = "full",
+    hooi_iters: int = 500,
+    hooi_tol: float = 1e-10,
+    lam: float = 1.0,
+    seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    lego_iters: int = 100,
+) -> MergedLora:
+    """Merge T LoRA updates ΔWₜ = sₜ Bₜ Aₜ into one LoRA: ΔW = B A with rank ≤ ``rank``.
+
+    Args:
+        As, Bs, scalings: Aₜ (rₜ × m), Bₜ (n × rₜ), sₜ; ranks may differ. Any float dtype
+            (bf16 is upcast: SVDs never run in half precision); all on one device.
+        method: "ctm" | "core_space" | "mtc" | "lora_lego".
+        rank: target rank r. ``None`` only for ``core_space`` (lossless, rank Σ rₜ).
+        beta: Eq. 4 reweighting in [0, 1], used only to learn the ctm subspaces.
+        base_rule, rule_params: merge rule ℳ and its mergekit-style parameters
+            (per-adapter ``weight``, ``density``, …); see ``engine.rules``.
+        space: where ``mtc`` merges: "full" (dense ΔW, what PEFT's ``*_svd`` does), "knots"
+            or "core" (identical to ``core_space`` with a rank).
+        hooi_iters, hooi_tol: HOOI sweep cap (one sweep updates U and V) and the tolerance on
+            the change of relative error between sweeps.
+        lam: global scale λ of the merged update, applied once after the rule.
+        seed: per-module seed for random rules (DARE, DELLA) and LoRA-LEGO's k-means.
+        dtype: math dtype (float32 | float64) of the n × Σrₜ work; the core is float64.
+
+    Returns:
+        MergedLora with balanced factors, scaling 1, ``rank`` ≤ requested (fewer when the
+        inputs span fewer directions; ``info`` says so).
+    """
+    _check_inputs(As, Bs, scalings)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
+    if rank is None and method != "core_space":
+        raise ValueError(f"method {method!r} needs a rank (only core_space can be lossless)")
+    if rank is not None and rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if space not in SPACES:
+        raise ValueError(f"unknown space {space!r}; expected one of: {', '.join(SPACES)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"math dtype must be torch.float32 or torch.float64, got {dtype}")
+    common = dict(base_rule=base_rule, rule_params=rule_params, lam=lam, seed=seed, dtype=dtype)
+    if method == "ctm":
+        out = pipelines.ctm(
+            As, Bs, scalings, rank=rank, beta=beta, hooi_iters=hooi_iters, hooi_tol=hooi_tol,
+            **common,
+        )
+    elif method == "core_space":
+        out = pipelines.core_space(As, Bs, scalings, rank=rank, **common)
+    elif method == "mtc":
+        out = pipelines.mtc(As, Bs, scalings, rank=rank, space=space, **common)
+    else:
+        B_f, A_f, info = lora_lego(As, Bs, scalings, rank=rank, seed=seed, dtype=dtype,
+                                   iters=lego_iters)
+        out = pipelines._factored_lift(B_f, A_f, rank, lam, dtype, info)
+    if out.rank_deficient:
+        out.info["note"] = (
+            f"only {out.rank} nonzero directions exist (requested {out.requested_rank}); "
+            f"the output has rank {out.rank}, not padded with zeros"
+        )
+    return out

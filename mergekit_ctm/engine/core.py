@@ -1,0 +1,105 @@
+"""Core space of T LoRA updates (Eq. 9–10 of CtM; Panariello et al. 2025).
+
+With scaling folded in (B̃ₜ = sₜ Bₜ), stack B_cat = [B̃₁ … B̃_T] (n × R') and
+A_cat = [A₁; …; A_T] (R' × m), R' = Σ rₜ. Their thin SVDs B_cat = U_B Σ_B W_Bᵀ and
+A_cat = W_A Σ_A V_Aᵀ give orthonormal bases U_B (n × k_B), V_A (m × k_A) spanning every update,
+and each update becomes a core matrix
+
+    M⁽ᵗ⁾ = U_Bᵀ ΔW⁽ᵗ⁾ V_A = Pₜ Qₜᵀ,   Pₜ = U_Bᵀ B̃ₜ (k_B × rₜ),   Qₜ = V_Aᵀ Aₜᵀ (k_A × rₜ).
+
+Theorem 4.1: ΔW⁽ᵗ⁾ = U_B M⁽ᵗ⁾ V_Aᵀ exactly. Numerically zero directions are dropped
+(k_B, k_A ≤ R'), which the paper allows. Only two Gram matrices touch n or m; P, Q come from
+them for free (P = Σ_B W_Bᵀ, Q = Σ_A W_Aᵀ), and U_B, V_A are formed only on request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_ctm.engine.linalg import F64, canonical_signs, gram_basis
+
+
+@dataclass
+class CoreSpace:
+    """Factored core space of T updates; see module docstring for the equations."""
+
+    B_cat: torch.Tensor  # n × R', scaling folded in, math dtype
+    A_cat: torch.Tensor  # R' × m, math dtype
+    coef_B: torch.Tensor  # R' × k_B (float64): U_B = B_cat @ coef_B
+    coef_A: torch.Tensor  # R' × k_A (float64): V_A = A_catᵀ @ coef_A
+    P: torch.Tensor  # k_B × R' (float64): P[:, block t] = Pₜ
+    Q: torch.Tensor  # k_A × R' (float64): Q[:, block t] = Qₜ
+    ranks: tuple[int, ...]
+
+    @property
+    def offsets(self) -> list[int]:
+        out = [0]
+        for r in self.ranks:
+            out.append(out[-1] + r)
+        return out
+
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(Pₜ, Qₜ) per task."""
+        o = self.offsets
+        return [(self.P[:, o[t] : o[t + 1]], self.Q[:, o[t] : o[t + 1]]) for t in range(len(o) - 1)]
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pₜ, Qₜ stacked as (T, k, r_max), zero-padded for heterogeneous ranks (Mₜ unchanged)."""
+        rmax = max(self.ranks)
+        T = len(self.ranks)
+        Pp = self.P.new_zeros(T, self.P.shape[0], rmax)
+        Qp = self.Q.new_zeros(T, self.Q.shape[0], rmax)
+        for t, (Pt, Qt) in enumerate(self.blocks()):
+            Pp[t, :, : Pt.shape[1]] = Pt
+            Qp[t, :, : Qt.shape[1]] = Qt
+        return Pp, Qp
+
+    def core_matrices(self) -> torch.Tensor:
+        """M⁽ᵗ⁾ = Pₜ Qₜᵀ stacked as (T, k_B, k_A), float64."""
+        Pp, Qp = self.padded()
+        return Pp @ Qp.mT
+
+    def U_B(self) -> torch.Tensor:
+        return self.B_cat @ self.coef_B.to(self.B_cat.dtype)
+
+    def V_A(self) -> torch.Tensor:
+        return self.A_cat.mT @ self.coef_A.to(self.A_cat.dtype)
+
+    def canonicalize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Form U_B, V_A with canonical column signs (DESIGN.md) and flip P, Q to match."""
+        U, V = self.U_B(), self.V_A()
+        su, sv = canonical_signs(U), canonical_signs(V)
+        U, V = U * su, V * sv
+        su64, sv64 = su.to(F64), sv.to(F64)
+        self.coef_B = self.coef_B * su64
+        self.coef_A = self.coef_A * sv64
+        self.P = self.P * su64.unsqueeze(-1)
+        self.Q = self.Q * sv64.unsqueeze(-1)
+        return U, V
+
+
+def build_core_space(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    dtype: torch.dtype = torch.float32,
+) -> CoreSpace:
+    """Core space of ΔWₜ = sₜ Bₜ Aₜ (Aₜ: rₜ × m, Bₜ: n × rₜ); cost (n + m)·R'² + R'³."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"math dtype must be float32 or float64, got {dtype}")
+    B_cat = torch.cat([B.to(dtype) * float(s) for B, s in zip(Bs, scalings)], dim=1)
+    A_cat = torch.cat([A.to(dtype) for A in As], dim=0)
+    W_B, sig_B = gram_basis(B_cat)
+    W_A, sig_A = gram_basis(A_cat.mT)
+    return CoreSpace(
+        B_cat=B_cat,
+        A_cat=A_cat,
+        coef_B=W_B / sig_B,
+        coef_A=W_A / sig_A,
+        P=sig_B.unsqueeze(-1) * W_B.mT,
+        Q=sig_A.unsqueeze(-1) * W_A.mT,
+        ranks=tuple(int(A.shape[0]) for A in As),
+    )

@@ -1,0 +1,71 @@
+"""Small linear-algebra kernels shared by the pipelines.
+
+Everything here is dtype- and device-preserving unless stated: the callers decide which
+tensors are float64 (the tiny core problems) and which stay in the math dtype (n × Σrₜ).
+"""
+
+from __future__ import annotations
+
+import torch
+
+F64 = torch.float64
+
+
+def canonical_signs(X: torch.Tensor) -> torch.Tensor:
+    """Return ±1 per column so that each column's largest-magnitude entry becomes positive.
+
+    Ties in magnitude are broken by the lowest row index (``argmax`` returns the first
+    maximum). Multiply the basis (and the coordinates that depend on it) by the result.
+    """
+    idx = X.abs().argmax(dim=-2, keepdim=True)
+    pivot = torch.gather(X, -2, idx).squeeze(-2)
+    return torch.where(pivot < 0, -1.0, 1.0).to(X.dtype)
+
+
+def gram_basis(F: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin SVD of a tall F (N × R) through its float64 Gram matrix.
+
+    Fᵀ F = W diag(σ²) Wᵀ, so F = U diag(σ) Wᵀ with U = F W diag(σ)⁻¹. Returns (W, σ) for the
+    numerically nonzero directions only (σ > rtol·σ_max; default rtol = R·eps(F.dtype)), σ
+    descending. Cost N·R² (one GEMM) + R³; U itself is never formed here.
+    """
+    G = F.to(F64).mT @ F.to(F64)
+    evals, evecs = torch.linalg.eigh(G)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    sigma = evals.clamp_min(0).sqrt()
+    if rtol is None:
+        rtol = max(F.shape[-1], 1) * torch.finfo(F.dtype).eps
+    smax = sigma[..., :1].clamp_min(torch.finfo(F64).tiny)
+    keep = int((sigma > rtol * smax).sum())
+    return evecs[..., :keep], sigma[..., :keep]
+
+
+def top_eigh(H: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest-k eigenpairs of a symmetric H, eigenvalues descending."""
+    evals, evecs = torch.linalg.eigh(H)
+    return evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
+
+
+def sqrt_psd(G: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root S (S S = G) of a PSD matrix; negative rounding clamped to 0."""
+    evals, evecs = torch.linalg.eigh(G)
+    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT
+
+
+def balanced_svd_factors(
+    C: torch.Tensor, rank: int | None, rtol: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of a small coordinate matrix C = P Σ Qᵀ truncated to ``rank`` nonzero directions.
+
+    Returns (P√Σ, √Σ Qᵀ, Σ), dropping singular values ≤ rtol·σ_max (never padded with zeros).
+    Signs are canonicalized on P so equal inputs give equal factors on any device.
+    """
+    P, S, Qh = torch.linalg.svd(C.to(F64), full_matrices=False)
+    k = S.shape[-1] if rank is None else min(rank, S.shape[-1])
+    smax = S[:1].clamp_min(torch.finfo(F64).tiny)
+    k = min(k, int((S > rtol * smax).sum()))
+    P, S, Qh = P[:, :k], S[:k], Qh[:k]
+    sign = canonical_signs(P)
+    P, Qh = P * sign, Qh * sign.unsqueeze(-1)
+    root = S.sqrt()
+    return P * root, root.unsqueeze(-1) * Qh, S

@@ -1,0 +1,163 @@
+"""The four merge pipelines: ctm, core_space, mtc, lora_lego.
+
+Notation: ΔWₜ = sₜ Bₜ Aₜ (n × m), r the target rank, ℳ the base rule, λ the global scale.
+Each pipeline returns a MergedLora with balanced factors of λ·(merged update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mergekit_ctm.engine.core import build_core_space
+from mergekit_ctm.engine.linalg import F64, balanced_svd_factors, canonical_signs, gram_basis
+from mergekit_ctm.engine.tucker import tucker2
+from mergekit_ctm.engine.types import MergedLora
+
+
+def _rule(tensors: torch.Tensor, rule: str, params: Mapping[str, Any] | None, seed: int | None):
+    from mergekit_ctm.engine.rules import merge_matrices
+
+    return merge_matrices(list(tensors.unbind(0)), rule, params, seed=seed)
+
+
+def beta_weights(norms: torch.Tensor, beta: float) -> torch.Tensor:
+    """cₜ = λₜ/‖ΔWₜ‖ with λₜ = β‖ΔWₜ‖ + (1−β)·mean‖ΔW‖ (Eq. 3–4); 0 for a zero update."""
+    lam = beta * norms + (1.0 - beta) * norms.mean()
+    return torch.where(norms > 0, lam / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+
+
+def _lift(
+    U_left: torch.Tensor,
+    C: torch.Tensor,
+    V_right: torch.Tensor,
+    rank: int | None,
+    lam: float,
+    out_dtype: torch.dtype,
+    requested: int,
+    info: dict,
+) -> MergedLora:
+    """λ·U C Vᵀ as balanced factors: B = U p√S, A = √S qᵀ Vᵀ from the SVD C = p S qᵀ."""
+    Bc, Ac, S = balanced_svd_factors(lam * C, rank)
+    B = U_left @ Bc.to(U_left.dtype)
+    A = Ac.to(V_right.dtype) @ V_right.mT
+    info["singular_values"] = S.tolist()
+    return MergedLora(A=A.to(out_dtype), B=B.to(out_dtype), requested_rank=requested, info=info)
+
+
+def ctm(
+    As,
+    Bs,
+    scalings,
+    *,
+    rank: int,
+    beta: float,
+    base_rule: str,
+    rule_params,
+    hooi_iters: int,
+    hooi_tol: float,
+    lam: float,
+    seed: int | None,
+    dtype: torch.dtype,
+) -> MergedLora:
+    """Compress-then-Merge, Algorithm 1: learn U, V in core space, merge Oₜ = UᵀΔWₜV, lift."""
+    cs = build_core_space(As, Bs, scalings, dtype)
+    Pp, Qp = cs.padded()
+    norms = torch.linalg.matrix_norm(Pp @ Qp.mT)  # ‖Mₜ‖_F = ‖ΔWₜ‖_F (Theorem 4.1)
+    c = beta_weights(norms, beta)
+    sol = tucker2(Pp * c.view(-1, 1, 1), Qp, rank, iters=hooi_iters, tol=hooi_tol)
+    U = cs.B_cat @ (cs.coef_B @ sol.U).to(dtype)  # n × r, U = U_B U_core
+    V = cs.A_cat.mT @ (cs.coef_A @ sol.V).to(dtype)  # m × r
+    su, sv = canonical_signs(U), canonical_signs(V)
+    U, V = U * su, V * sv
+    Uc, Vc = sol.U * su.to(F64), sol.V * sv.to(F64)
+    O = (Uc.mT @ Pp) @ (Qp.mT @ Vc)  # (T, r, r): Oₜ = Uᵀ ΔWₜ V = U_coreᵀ Mₜ V_core
+    merged = _rule(O, base_rule, rule_params, seed)
+    info = {
+        "method": "ctm",
+        "hooi_errors": sol.errors,
+        "hooi_sweeps": sol.sweeps,
+        "hooi_converged": sol.converged,
+        "core_dims": (cs.P.shape[0], cs.Q.shape[0]),
+        "task_weights": c.tolist(),
+    }
+    return _lift(U, merged, V, rank, lam, dtype, rank, info)
+
+
+def core_space(
+    As, Bs, scalings, *, rank, base_rule, rule_params, lam, seed, dtype
+) -> MergedLora:
+    """Core Space merging: ℳ on Mₜ = U_Bᵀ ΔWₜ V_A (canonical SVD bases), lift; rank None = lossless."""
+    cs = build_core_space(As, Bs, scalings, dtype)
+    U_B, V_A = cs.canonicalize()
+    M = cs.core_matrices()
+    merged = _rule(M, base_rule, rule_params, seed)
+    info = {"method": "core_space", "core_dims": tuple(M.shape[1:])}
+    requested = rank if rank is not None else min(M.shape[1:])
+    return _lift(U_B, merged, V_A, rank, lam, dtype, requested, info)
+
+
+def _factored_lift(
+    Bf: torch.Tensor, Af: torch.Tensor, rank: int, lam: float, dtype, info: dict
+) -> MergedLora:
+    """Balanced rank-≤r factors of λ·Bf Af (Bf: n × k, Af: k × m) without forming n × m."""
+    WB, sB = gram_basis(Bf)
+    WA, sA = gram_basis(Af.mT)
+    UB = Bf @ (WB / sB).to(Bf.dtype)
+    VA = Af.mT @ (WA / sA).to(Af.dtype)
+    C = (sB.unsqueeze(-1) * WB.mT) @ (WA * sA)  # U_Bᵀ Bf Af V_A
+    return _lift(UB, C, VA, rank, lam, dtype, rank, info)
+
+
+def mtc(
+    As, Bs, scalings, *, rank, space, base_rule, rule_params, lam, seed, dtype
+) -> MergedLora:
+    """Merge-then-Compress: merge in ``space`` (full | knots | core), then truncated SVD to rank."""
+    if space == "core":
+        out = core_space(
+            As, Bs, scalings, rank=rank, base_rule=base_rule, rule_params=rule_params,
+            lam=lam, seed=seed, dtype=dtype,
+        )
+        out.info["method"] = "mtc/core"
+        return out
+    if space == "full":
+        dW = torch.stack(
+            [float(s) * (B.to(dtype) @ A.to(dtype)) for A, B, s in zip(As, Bs, scalings)]
+        )
+        merged = lam * _rule(dW, base_rule, rule_params, seed).to(dtype)
+        U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
+        tol = S[:1] * max(merged.shape) * torch.finfo(dtype).eps
+        k = min(rank, int((S > tol).sum()))
+        root = S[:k].sqrt()
+        sign = canonical_signs(U[:, :k])
+        B = U[:, :k] * (sign * root)
+        A = (sign * root).unsqueeze(-1) * Vh[:k]
+        info = {"method": "mtc/full", "singular_values": S[:k].tolist()}
+        return MergedLora(A=A, B=B, requested_rank=rank, info=info)
+    if space == "knots":
+        return _knots(As, Bs, scalings, rank, base_rule, rule_params, lam, seed, dtype)
+    raise ValueError(f"unknown mtc space {space!r}; expected one of: full, knots, core")
+
+
+def _knots(As, Bs, scalings, rank, base_rule, rule_params, lam, seed, dtype) -> MergedLora:
+    """KnOTS space: [ΔW₁ … ΔW_T] = U Σ [V⁽¹⁾; …; V⁽ᵀ⁾]ᵀ; ℳ on the V⁽ᵗ⁾ (m × k); ΔW = U Σ V_mergedᵀ.
+
+    Computed in factored form: ΔWₜ = U_B Mₜ V_Aᵀ, so the concatenation's SVD is U_B times the
+    SVD of [M₁ … M_T] (k_B × T·k_A), and V⁽ᵗ⁾ = V_A wₜ. U gets canonical signs.
+    """
+    cs = build_core_space(As, Bs, scalings, dtype)
+    M = cs.core_matrices()  # (T, kB, kA)
+    T, kB, kA = M.shape
+    u, sig, wh = torch.linalg.svd(torch.cat(list(M.unbind(0)), dim=1), full_matrices=False)
+    keep = int((sig > sig[:1].clamp_min(1e-300) * max(kB, T * kA) * 1e-15).sum())
+    u, sig, wh = u[:, :keep], sig[:keep], wh[:keep]
+    U = cs.U_B() @ u.to(dtype)  # n × keep
+    sign = canonical_signs(U)
+    U, wh = U * sign, wh * sign.to(F64).unsqueeze(-1)
+    V_A = cs.V_A()
+    Vt = torch.stack([V_A @ wh[:, t * kA : (t + 1) * kA].mT.to(dtype) for t in range(T)])  # (T, m, keep)
+    V_merged = _rule(Vt.to(F64), base_rule, rule_params, seed).to(dtype)
+    info = {"method": "mtc/knots", "knots_dims": keep}
+    return _factored_lift(U * sig.to(dtype), V_merged.mT, rank, lam, dtype, info)
