@@ -8,9 +8,9 @@ No file I/O, YAML or mergekit planner here. Entry point::
     out.B @ out.A   # merged ΔW, scaling 1
 """
 
-from mergekit_ctm.engine.api import METHODS, SPACES, merge_lora
+from mergekit_ctm.engine.api import METHODS, SPACES, merge_lora, merge_lora_many
 from mergekit_ctm.engine.core import CoreSpace, build_core_space
-from mergekit_ctm.engine.tucker import Tucker2Result, tucker2, tucker2_dense
+from mergekit_ctm.engine.tucker import Tucker2Result, tucker2, tucker2_batch, tucker2_dense
 from mergekit_ctm.engine.types import MergedLora
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "Tucker2Result",
     "build_core_space",
     "merge_lora",
+    "merge_lora_many",
     "tucker2",
+    "tucker2_batch",
     "tucker2_dense",
 ]

@@ -40,6 +40,30 @@ def _check_inputs(As, Bs, scalings) -> tuple[int, int]:
     return n, m
 
 
+def _check_params(method, rank, beta, space, dtype) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
+    if rank is None and method != "core_space":
+        raise ValueError(f"method {method!r} needs a rank (only core_space can be lossless)")
+    if rank is not None and rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if space not in SPACES:
+        raise ValueError(f"unknown space {space!r}; expected one of: {', '.join(SPACES)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"math dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
+def _note_rank(out: MergedLora) -> MergedLora:
+    if out.rank_deficient:
+        out.info["note"] = (
+            f"only {out.rank} nonzero directions exist (requested {out.requested_rank}); "
+            f"the output has rank {out.rank}, not padded with zeros"
+        )
+    return out
+
+
 def merge_lora(
     As: Sequence[torch.Tensor],
     Bs: Sequence[torch.Tensor],
@@ -81,22 +105,17 @@ def merge_lora(
         inputs span fewer directions; ``info`` says so).
     """
     _check_inputs(As, Bs, scalings)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
-    if rank is None and method != "core_space":
-        raise ValueError(f"method {method!r} needs a rank (only core_space can be lossless)")
-    if rank is not None and rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if space not in SPACES:
-        raise ValueError(f"unknown space {space!r}; expected one of: {', '.join(SPACES)}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"math dtype must be torch.float32 or torch.float64, got {dtype}")
+    _check_params(method, rank, beta, space, dtype)
     common = dict(base_rule=base_rule, rule_params=rule_params, lam=lam, seed=seed, dtype=dtype)
     if method == "ctm":
         out = pipelines.ctm(
-            As, Bs, scalings, rank=rank, beta=beta, hooi_iters=hooi_iters, hooi_tol=hooi_tol,
+            As,
+            Bs,
+            scalings,
+            rank=rank,
+            beta=beta,
+            hooi_iters=hooi_iters,
+            hooi_tol=hooi_tol,
             **common,
         )
     elif method == "core_space":
@@ -104,12 +123,45 @@ def merge_lora(
     elif method == "mtc":
         out = pipelines.mtc(As, Bs, scalings, rank=rank, space=space, **common)
     else:
-        B_f, A_f, info = lora_lego(As, Bs, scalings, rank=rank, seed=seed, dtype=dtype,
-                                   iters=lego_iters)
-        out = pipelines._factored_lift(B_f, A_f, rank, lam, dtype, info)
-    if out.rank_deficient:
-        out.info["note"] = (
-            f"only {out.rank} nonzero directions exist (requested {out.requested_rank}); "
-            f"the output has rank {out.rank}, not padded with zeros"
+        B_f, A_f, info = lora_lego(
+            As, Bs, scalings, rank=rank, seed=seed, dtype=dtype, iters=lego_iters
         )
-    return out
+        out = pipelines._factored_lift(B_f, A_f, rank, lam, dtype, info)
+    return _note_rank(out)
+
+
+def merge_lora_many(
+    modules: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[float]]],
+    *,
+    seeds: Sequence[int | None] | None = None,
+    method: str = "ctm",
+    **params: Any,
+) -> list[MergedLora]:
+    """``merge_lora`` over many modules (each an (As, Bs, scalings) triple), same parameters.
+
+    For ``ctm`` the core problems of equal shape are solved as one batch, which amortises the
+    per-call overhead of the many tiny HOOI steps; each problem still stops on its own
+    criterion, so results equal per-module calls up to floating-point rounding.
+    ``seeds`` gives each module its own seed.
+    """
+    default_seed = params.pop("seed", None)
+    seeds = list(seeds) if seeds is not None else [default_seed] * len(modules)
+    if method != "ctm":
+        return [
+            merge_lora(As, Bs, s, method=method, seed=seed, **params)
+            for (As, Bs, s), seed in zip(modules, seeds)
+        ]
+    for As, Bs, s in modules:
+        _check_inputs(As, Bs, s)
+    p = {
+        "rank": 16,
+        "beta": 0.5,
+        "base_rule": "task_arithmetic",
+        "rule_params": None,
+        "hooi_iters": 500,
+        "hooi_tol": 1e-10,
+        "lam": 1.0,
+        "dtype": torch.float32,
+    } | params
+    _check_params("ctm", p["rank"], p["beta"], "full", p["dtype"])
+    return [_note_rank(o) for o in pipelines.ctm_many(modules, seeds, **p)]

@@ -6,14 +6,14 @@ Each pipeline returns a MergedLora with balanced factors of λ·(merged update).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from mergekit_ctm.engine.core import build_core_space
 from mergekit_ctm.engine.linalg import F64, balanced_svd_factors, canonical_signs, gram_basis
-from mergekit_ctm.engine.tucker import tucker2
+from mergekit_ctm.engine.tucker import tucker2, tucker2_batch
 from mergekit_ctm.engine.types import MergedLora
 
 
@@ -47,6 +47,36 @@ def _lift(
     return MergedLora(A=A.to(out_dtype), B=B.to(out_dtype), requested_rank=requested, info=info)
 
 
+def _ctm_prepare(As, Bs, scalings, beta: float, dtype):
+    """Core space and β-reweighted targets M_target = cₜ Mₜ (Algorithm 1, steps 1–2)."""
+    cs = build_core_space(As, Bs, scalings, dtype)
+    Pp, Qp = cs.padded()
+    norms = torch.linalg.matrix_norm(Pp @ Qp.mT)  # ‖Mₜ‖_F = ‖ΔWₜ‖_F (Theorem 4.1)
+    return cs, Pp, Qp, beta_weights(norms, beta)
+
+
+def _ctm_finish(
+    cs, Pp, Qp, c, sol, *, rank, base_rule, rule_params, lam, seed, dtype
+) -> MergedLora:
+    """Lift U, V (step 4), coordinates Oₜ = UᵀΔWₜV (5), merge (6), lift back (7)."""
+    U = cs.B_cat @ (cs.coef_B @ sol.U).to(dtype)  # n × r, U = U_B U_core
+    V = cs.A_cat.mT @ (cs.coef_A @ sol.V).to(dtype)  # m × r
+    su, sv = canonical_signs(U), canonical_signs(V)
+    U, V = U * su, V * sv
+    Uc, Vc = sol.U * su.to(F64), sol.V * sv.to(F64)
+    O = (Uc.mT @ Pp) @ (Qp.mT @ Vc)  # (T, r, r): Oₜ = U_coreᵀ Mₜ V_core
+    merged = _rule(O, base_rule, rule_params, seed)
+    info = {
+        "method": "ctm",
+        "hooi_errors": sol.errors,
+        "hooi_sweeps": sol.sweeps,
+        "hooi_converged": sol.converged,
+        "core_dims": (cs.P.shape[0], cs.Q.shape[0]),
+        "task_weights": c.tolist(),
+    }
+    return _lift(U, merged, V, rank, lam, dtype, rank, info)
+
+
 def ctm(
     As,
     Bs,
@@ -63,33 +93,54 @@ def ctm(
     dtype: torch.dtype,
 ) -> MergedLora:
     """Compress-then-Merge, Algorithm 1: learn U, V in core space, merge Oₜ = UᵀΔWₜV, lift."""
-    cs = build_core_space(As, Bs, scalings, dtype)
-    Pp, Qp = cs.padded()
-    norms = torch.linalg.matrix_norm(Pp @ Qp.mT)  # ‖Mₜ‖_F = ‖ΔWₜ‖_F (Theorem 4.1)
-    c = beta_weights(norms, beta)
+    cs, Pp, Qp, c = _ctm_prepare(As, Bs, scalings, beta, dtype)
     sol = tucker2(Pp * c.view(-1, 1, 1), Qp, rank, iters=hooi_iters, tol=hooi_tol)
-    U = cs.B_cat @ (cs.coef_B @ sol.U).to(dtype)  # n × r, U = U_B U_core
-    V = cs.A_cat.mT @ (cs.coef_A @ sol.V).to(dtype)  # m × r
-    su, sv = canonical_signs(U), canonical_signs(V)
-    U, V = U * su, V * sv
-    Uc, Vc = sol.U * su.to(F64), sol.V * sv.to(F64)
-    O = (Uc.mT @ Pp) @ (Qp.mT @ Vc)  # (T, r, r): Oₜ = Uᵀ ΔWₜ V = U_coreᵀ Mₜ V_core
-    merged = _rule(O, base_rule, rule_params, seed)
-    info = {
-        "method": "ctm",
-        "hooi_errors": sol.errors,
-        "hooi_sweeps": sol.sweeps,
-        "hooi_converged": sol.converged,
-        "core_dims": (cs.P.shape[0], cs.Q.shape[0]),
-        "task_weights": c.tolist(),
-    }
-    return _lift(U, merged, V, rank, lam, dtype, rank, info)
+    return _ctm_finish(
+        cs,
+        Pp,
+        Qp,
+        c,
+        sol,
+        rank=rank,
+        base_rule=base_rule,
+        rule_params=rule_params,
+        lam=lam,
+        seed=seed,
+        dtype=dtype,
+    )
 
 
-def core_space(
-    As, Bs, scalings, *, rank, base_rule, rule_params, lam, seed, dtype
-) -> MergedLora:
-    """Core Space merging: ℳ on Mₜ = U_Bᵀ ΔWₜ V_A (canonical SVD bases), lift; rank None = lossless."""
+def ctm_many(
+    modules, seeds, *, rank, beta, base_rule, rule_params, hooi_iters, hooi_tol, lam, dtype
+) -> list[MergedLora]:
+    """``ctm`` for many modules, solving the core problems of equal shape as one batch."""
+    preps = [_ctm_prepare(As, Bs, s, beta, dtype) for As, Bs, s in modules]
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, Pp, Qp, _) in enumerate(preps):
+        groups.setdefault((tuple(Pp.shape), tuple(Qp.shape), str(Pp.device)), []).append(i)
+    sols: list = [None] * len(preps)
+    for idx in groups.values():
+        P = torch.stack([preps[i][1] * preps[i][3].view(-1, 1, 1) for i in idx])
+        Q = torch.stack([preps[i][2] for i in idx])
+        for i, sol in zip(idx, tucker2_batch(P, Q, rank, iters=hooi_iters, tol=hooi_tol)):
+            sols[i] = sol
+    return [
+        _ctm_finish(
+            *prep,
+            sol,
+            rank=rank,
+            base_rule=base_rule,
+            rule_params=rule_params,
+            lam=lam,
+            seed=seed,
+            dtype=dtype,
+        )
+        for prep, sol, seed in zip(preps, sols, seeds)
+    ]
+
+
+def core_space(As, Bs, scalings, *, rank, base_rule, rule_params, lam, seed, dtype) -> MergedLora:
+    """Core Space: ℳ on Mₜ = U_Bᵀ ΔWₜ V_A (canonical SVD bases), lift; rank None = lossless."""
     cs = build_core_space(As, Bs, scalings, dtype)
     U_B, V_A = cs.canonicalize()
     M = cs.core_matrices()
@@ -111,14 +162,19 @@ def _factored_lift(
     return _lift(UB, C, VA, rank, lam, dtype, rank, info)
 
 
-def mtc(
-    As, Bs, scalings, *, rank, space, base_rule, rule_params, lam, seed, dtype
-) -> MergedLora:
+def mtc(As, Bs, scalings, *, rank, space, base_rule, rule_params, lam, seed, dtype) -> MergedLora:
     """Merge-then-Compress: merge in ``space`` (full | knots | core), then truncated SVD to rank."""
     if space == "core":
         out = core_space(
-            As, Bs, scalings, rank=rank, base_rule=base_rule, rule_params=rule_params,
-            lam=lam, seed=seed, dtype=dtype,
+            As,
+            Bs,
+            scalings,
+            rank=rank,
+            base_rule=base_rule,
+            rule_params=rule_params,
+            lam=lam,
+            seed=seed,
+            dtype=dtype,
         )
         out.info["method"] = "mtc/core"
         return out
@@ -157,7 +213,9 @@ def _knots(As, Bs, scalings, rank, base_rule, rule_params, lam, seed, dtype) -> 
     sign = canonical_signs(U)
     U, wh = U * sign, wh * sign.to(F64).unsqueeze(-1)
     V_A = cs.V_A()
-    Vt = torch.stack([V_A @ wh[:, t * kA : (t + 1) * kA].mT.to(dtype) for t in range(T)])  # (T, m, keep)
+    Vt = torch.stack(
+        [V_A @ wh[:, t * kA : (t + 1) * kA].mT.to(dtype) for t in range(T)]
+    )  # (T, m, keep)
     V_merged = _rule(Vt.to(F64), base_rule, rule_params, seed).to(dtype)
     info = {"method": "mtc/knots", "knots_dims": keep}
     return _factored_lift(U * sig.to(dtype), V_merged.mT, rank, lam, dtype, info)

@@ -34,7 +34,7 @@ from mergekit_ctm.engine.linalg import F64, top_eigh
 
 @dataclass
 class Tucker2Result:
-    """U (N₁ × r), V (N₂ × r) orthonormal; ``errors`` = relative error after HOSVD and each sweep."""
+    """U (N₁ × r), V (N₂ × r) orthonormal; ``errors``: relative error after HOSVD, each sweep."""
 
     U: torch.Tensor
     V: torch.Tensor
@@ -51,21 +51,73 @@ class Tucker2Result:
 def _ritz_step(
     Pp: torch.Tensor, Qp: torch.Tensor, U: torch.Tensor, V: torch.Tensor, r: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Rayleigh–Ritz U-update for fixed V; returns (U_new, f(U_new, V))."""
-    Y = Pp @ (Qp.mT @ V)  # (T, N1, r): Yₜ = Xₜ V
-    GU = (Y @ (Y.mT @ U)).sum(0)
-    K = torch.linalg.qr(torch.cat([U, GU], dim=1)).Q
-    Z = Y.mT @ K  # (T, r, |K|)
-    H = (Z.mT @ Z).sum(0)
+    """One Rayleigh–Ritz U-update for fixed V (batched); returns (U_new, f(U_new, V))."""
+    Y = Pp @ (Qp.mT @ V.unsqueeze(1))  # (b, T, N1, r): Yₜ = Xₜ V
+    GU = (Y @ (Y.mT @ U.unsqueeze(1))).sum(1)
+    K = torch.linalg.qr(torch.cat([U, GU], dim=-1)).Q
+    Z = Y.mT @ K.unsqueeze(1)  # (b, T, r, |K|)
+    H = (Z.mT @ Z).sum(1)
     evals, W = top_eigh(H, r)
-    return K @ W, evals.sum()
+    return K @ W, evals.sum(-1)
 
 
 def _rotate_to_eigvecs(Pp: torch.Tensor, Qp: torch.Tensor, U: torch.Tensor, V: torch.Tensor):
     """Rotate U within span(U) to the eigenvectors of Uᵀ G_U(V) U (descending)."""
-    Z = U.mT @ Pp @ (Qp.mT @ V)  # (T, r, r) = Uᵀ Xₜ V
-    _, W = top_eigh((Z @ Z.mT).sum(0), U.shape[1])
+    Z = U.mT.unsqueeze(1) @ Pp @ (Qp.mT @ V.unsqueeze(1))  # (b, T, r, r) = Uᵀ Xₜ V
+    _, W = top_eigh((Z @ Z.mT).sum(1), U.shape[-1])
     return U @ W
+
+
+def tucker2_batch(
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    rank: int,
+    *,
+    iters: int = 500,
+    tol: float = 1e-10,
+) -> list[Tucker2Result]:
+    """Solve b independent problems at once: P (b, T, N₁, k), Q (b, T, N₂, k).
+
+    Batching only amortises per-call overhead: each problem stops on its own criterion and its
+    U, V are frozen afterwards, so it runs the same sweeps as it would alone.
+    """
+    Pp, Qp = P.to(F64), Q.to(F64)
+    b = Pp.shape[0]
+    r = min(rank, Pp.shape[-2], Qp.shape[-2])
+    PtP = Pp.mT @ Pp  # (b, T, k, k)
+    QtQ = Qp.mT @ Qp
+    total = (PtP * QtQ).sum((1, 2, 3))  # Σₜ ‖Xₜ‖²_F = Σₜ tr(PₜᵀPₜ QₜᵀQₜ)
+    _, U = top_eigh((Pp @ QtQ @ Pp.mT).sum(1), r)
+    _, V = top_eigh((Qp @ PtP @ Qp.mT).sum(1), r)
+    safe = total.clamp_min(torch.finfo(F64).tiny)
+
+    def rel_error(f: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        t, s = (total, safe) if idx is None else (total[idx], safe[idx])
+        return torch.where(t > 0, ((t - f).clamp_min(0) / s).sqrt(), 0.0)
+
+    Z = U.mT.unsqueeze(1) @ Pp @ (Qp.mT @ V.unsqueeze(1))
+    err = rel_error((Z * Z).sum((1, 2, 3)))
+    errors = [[float(e)] for e in err]
+    active = err > 1e-14
+    sweeps = [0] * b
+    for _ in range(iters):
+        if not bool(active.any()):
+            break
+        idx = active.nonzero().flatten()
+        Pa, Qa = Pp[idx], Qp[idx]
+        Ua, _ = _ritz_step(Pa, Qa, U[idx], V[idx], r)
+        Va, f = _ritz_step(Qa, Pa, V[idx], Ua, r)
+        U[idx], V[idx] = Ua, Va
+        new = rel_error(f, idx).tolist()
+        for j, i in enumerate(idx.tolist()):
+            prev = errors[i][-1]
+            errors[i].append(new[j])
+            sweeps[i] += 1
+            if abs(prev - errors[i][-1]) < tol or errors[i][-1] <= 1e-14:
+                active[i] = False
+    U = _rotate_to_eigvecs(Pp, Qp, U, V)
+    V = _rotate_to_eigvecs(Qp, Pp, V, U)
+    return [Tucker2Result(U[i], V[i], errors[i], sweeps[i], not bool(active[i])) for i in range(b)]
 
 
 def tucker2(
@@ -77,32 +129,7 @@ def tucker2(
     tol: float = 1e-10,
 ) -> Tucker2Result:
     """Solve max Σₜ‖Uᵀ Pₜ Qₜᵀ V‖² for P (T, N₁, k), Q (T, N₂, k); rank capped at min(N₁, N₂)."""
-    Pp, Qp = P.to(F64), Q.to(F64)
-    r = min(rank, Pp.shape[1], Qp.shape[1])
-    PtP = Pp.mT @ Pp  # (T, k, k)
-    QtQ = Qp.mT @ Qp
-    total = float((PtP * QtQ).sum())  # Σₜ ‖Xₜ‖²_F = Σₜ tr(PₜᵀPₜ QₜᵀQₜ)
-    _, U = top_eigh((Pp @ QtQ @ Pp.mT).sum(0), r)
-    _, V = top_eigh((Qp @ PtP @ Qp.mT).sum(0), r)
-    if total == 0.0:
-        return Tucker2Result(U, V, [0.0], 0, True)
-
-    def rel_error(f: torch.Tensor) -> float:
-        return max(total - float(f), 0.0) ** 0.5 / total**0.5
-
-    Z = U.mT @ Pp @ (Qp.mT @ V)
-    errors = [rel_error((Z * Z).sum())]
-    converged = errors[0] <= 1e-14
-    sweeps = 0
-    while not converged and sweeps < iters:
-        U, _ = _ritz_step(Pp, Qp, U, V, r)
-        V, f = _ritz_step(Qp, Pp, V, U, r)
-        sweeps += 1
-        errors.append(rel_error(f))
-        converged = abs(errors[-2] - errors[-1]) < tol or errors[-1] <= 1e-14
-    U = _rotate_to_eigvecs(Pp, Qp, U, V)
-    V = _rotate_to_eigvecs(Qp, Pp, V, U)
-    return Tucker2Result(U, V, errors, sweeps, converged)
+    return tucker2_batch(P.unsqueeze(0), Q.unsqueeze(0), rank, iters=iters, tol=tol)[0]
 
 
 def tucker2_dense(X: torch.Tensor, rank: int, *, iters: int = 500, tol: float = 1e-10):
