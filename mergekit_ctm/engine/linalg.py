@@ -26,15 +26,17 @@ def gram_basis(F: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor
     """Thin SVD of a tall F (N × R) through its float64 Gram matrix.
 
     Fᵀ F = W diag(σ²) Wᵀ, so F = U diag(σ) Wᵀ with U = F W diag(σ)⁻¹. Returns (W, σ) for the
-    numerically nonzero directions only (σ > rtol·σ_max; default rtol = R·eps(F.dtype)), σ
-    descending. Cost N·R² (one GEMM) + R³; U itself is never formed here.
+    numerically nonzero directions only, σ descending. Cost N·R² (one GEMM) + R³; U itself is
+    never formed here. Default cut: σ ≤ rtol·σ_max with rtol = max(R·eps(F.dtype), 1e-7). The
+    Gram matrix resolves σ only down to ~√eps₆₄·σ_max ≈ 1.5e-8·σ_max, so directions below 1e-7
+    are treated as zero; they change any ΔWₜ by less than that, relative to the largest.
     """
     G = F.to(F64).mT @ F.to(F64)
     evals, evecs = torch.linalg.eigh(G)
     evals, evecs = evals.flip(-1), evecs.flip(-1)
     sigma = evals.clamp_min(0).sqrt()
     if rtol is None:
-        rtol = max(F.shape[-1], 1) * torch.finfo(F.dtype).eps
+        rtol = max(max(F.shape[-1], 1) * torch.finfo(F.dtype).eps, 1e-7)
     smax = sigma[..., :1].clamp_min(torch.finfo(F64).tiny)
     keep = int((sigma > rtol * smax).sum())
     return evecs[..., :keep], sigma[..., :keep]

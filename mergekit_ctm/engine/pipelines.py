@@ -24,9 +24,14 @@ def _rule(tensors: torch.Tensor, rule: str, params: Mapping[str, Any] | None, se
 
 
 def beta_weights(norms: torch.Tensor, beta: float) -> torch.Tensor:
-    """cₜ = λₜ/‖ΔWₜ‖ with λₜ = β‖ΔWₜ‖ + (1−β)·mean‖ΔW‖ (Eq. 3–4); 0 for a zero update."""
+    """cₜ = λₜ/‖ΔWₜ‖ with λₜ = β‖ΔWₜ‖ + (1−β)·mean‖ΔW‖ (Eq. 3–4).
+
+    An update below 1e-10 of the largest (zero up to the rounding of the core projection) gets
+    cₜ = 0 rather than an enormous weight on rounding noise.
+    """
+    alive = norms > norms.max() * 1e-10
     lam = beta * norms + (1.0 - beta) * norms.mean()
-    return torch.where(norms > 0, lam / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+    return torch.where(alive, lam / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
 
 
 def _lift(

@@ -1,0 +1,154 @@
+"""Core space (Theorem 4.1) and the Tucker-2 solver against independent references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergekit_ctm.engine import build_core_space, tucker2, tucker2_batch, tucker2_dense
+from mergekit_ctm.engine.linalg import canonical_signs
+
+from .conftest import dense_updates, lora_factors
+
+
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [2, 5, 3, 8], [6]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_core_projection_is_lossless(ranks, dtype):
+    """Theorem 4.1: ΔWₜ = U_B U_Bᵀ ΔWₜ V_A V_Aᵀ and U_B M⁽ᵗ⁾ V_Aᵀ = ΔWₜ, for any rₜ."""
+    As, Bs, s = lora_factors(len(ranks), ranks=ranks, dtype=dtype)
+    dW = dense_updates(As, Bs, s)
+    cs = build_core_space(As, Bs, s, dtype)
+    U, V = cs.U_B().double(), cs.V_A().double()
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    eye = torch.eye(U.shape[1], dtype=torch.float64)
+    assert torch.allclose(U.T @ U, eye, atol=tol * 10)
+    for t, M in enumerate(cs.core_matrices()):
+        assert torch.linalg.norm(U @ U.T @ dW[t] @ V @ V.T - dW[t]) <= tol * dW[t].norm()
+        assert torch.linalg.norm(U @ M @ V.T - dW[t]) <= tol * dW[t].norm()
+        assert torch.allclose(M, U.T @ dW[t] @ V, atol=tol * dW[t].norm())
+
+
+def test_core_space_drops_numerically_zero_directions():
+    """A repeated adapter adds no direction: k_B = k_A = rank of the stacked factors."""
+    As, Bs, s = lora_factors(2, ranks=[3, 4])
+    cs = build_core_space(As + As[:1], Bs + Bs[:1], s + s[:1], torch.float64)
+    assert cs.P.shape[0] == 7 and cs.Q.shape[0] == 7
+    dW = dense_updates(As + As[:1], Bs + Bs[:1], s + s[:1])
+    for t, M in enumerate(cs.core_matrices()):
+        assert torch.allclose(cs.U_B() @ M @ cs.V_A().T, dW[t], atol=1e-10)
+
+
+def test_core_bases_are_canonical_svd_vectors():
+    """core_space uses the singular vectors of the stacked scaled factors, canonical signs."""
+    As, Bs, s = lora_factors(3, ranks=[2, 3, 4])
+    cs = build_core_space(As, Bs, s, torch.float64)
+    U, V = cs.canonicalize()
+    B_cat = torch.cat([si * B for B, si in zip(Bs, s)], dim=1)
+    A_cat = torch.cat(As, dim=0)
+    U_ref = torch.linalg.svd(B_cat, full_matrices=False).U
+    V_ref = torch.linalg.svd(A_cat, full_matrices=False).Vh.T
+    U_ref, V_ref = U_ref * canonical_signs(U_ref), V_ref * canonical_signs(V_ref)
+    assert torch.allclose(U, U_ref, atol=1e-10) and torch.allclose(V, V_ref, atol=1e-10)
+    pivots = U.gather(0, U.abs().argmax(0, keepdim=True))
+    assert (pivots > 0).all()
+
+
+def test_canonical_signs_tie_breaks_on_lowest_index():
+    X = torch.tensor([[-1.0, 2.0], [1.0, -2.0], [0.5, 0.0]])
+    assert canonical_signs(X).tolist() == [-1.0, 1.0]
+
+
+def _dense_hooi(X: torch.Tensor, r: int, iters: int = 4000, tol: float = 1e-15):
+    """Textbook HOSVD + HOOI with exact SVD updates on the dense tensor (independent)."""
+    T, n, m = X.shape
+    U = torch.linalg.svd(X.permute(1, 0, 2).reshape(n, T * m)).U[:, :r]
+    V = torch.linalg.svd(X.permute(2, 0, 1).reshape(m, T * n)).U[:, :r]
+    total = float((X * X).sum())
+    prev = None
+    for _ in range(iters):
+        U = torch.linalg.svd((X @ V).permute(1, 0, 2).reshape(n, T * r)).U[:, :r]
+        V = torch.linalg.svd((X.mT @ U).permute(1, 0, 2).reshape(m, T * r)).U[:, :r]
+        err = math.sqrt(max(total - float(((U.T @ X @ V) ** 2).sum()), 0) / total)
+        if prev is not None and abs(prev - err) < tol:
+            break
+        prev = err
+    return U, V, err
+
+
+def _chordal(U1: torch.Tensor, U2: torch.Tensor) -> float:
+    """Chordal distance ‖U₁U₁ᵀ − U₂U₂ᵀ‖_F / √2 between equal-dimension subspaces."""
+    return float(torch.linalg.norm(U1 @ U1.T - U2 @ U2.T)) / math.sqrt(2)
+
+
+@pytest.mark.parametrize("T,ranks,r", [(2, 4, 3), (6, [2, 4, 3, 5, 4, 2], 5), (4, 3, 6)])
+def test_core_space_solution_equals_full_space(T, ranks, r):
+    """Theorem 4.2 in practice: core-space HOOI lifted == dense full-space HOOI."""
+    As, Bs, s = lora_factors(T, ranks=ranks, norms=[1.0 + 3 * t for t in range(T)])
+    X = dense_updates(As, Bs, s)
+    cs = build_core_space(As, Bs, s, torch.float64)
+    Pp, Qp = cs.padded()
+    sol = tucker2(Pp, Qp, r, iters=4000, tol=1e-15)
+    U, V = cs.U_B() @ sol.U, cs.V_A() @ sol.V
+    U_ref, V_ref, err_ref = _dense_hooi(X, r)
+    assert abs(sol.errors[-1] - err_ref) < 1e-9
+    assert _chordal(U, U_ref) < 1e-5 and _chordal(V, V_ref) < 1e-5
+    dense = tucker2_dense(X, r, iters=4000, tol=1e-15)
+    assert abs(dense.errors[-1] - err_ref) < 1e-9
+    assert _chordal(dense.U, U_ref) < 1e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hooi_objective_monotone_and_orthonormal(seed):
+    As, Bs, s = lora_factors(6, ranks=[4, 2, 6, 4, 3, 5], seed=seed)
+    cs = build_core_space(As, Bs, s, torch.float64)
+    Pp, Qp = cs.padded()
+    sol = tucker2(Pp, Qp, 5, iters=300, tol=0.0)
+    errs = sol.errors
+    assert sol.sweeps == 300 and len(errs) == 301
+    assert all(b <= a + 1e-14 for a, b in zip(errs, errs[1:])), "objective increased"
+    assert errs[-1] < errs[0]
+    eye = torch.eye(5, dtype=torch.float64)
+    assert torch.allclose(sol.U.T @ sol.U, eye, atol=1e-12)
+    assert torch.allclose(sol.V.T @ sol.V, eye, atol=1e-12)
+
+
+def test_hooi_stops_on_tolerance_and_cap():
+    As, Bs, s = lora_factors(4, ranks=4)
+    Pp, Qp = build_core_space(As, Bs, s, torch.float64).padded()
+    loose = tucker2(Pp, Qp, 3, iters=500, tol=1e-3)
+    tight = tucker2(Pp, Qp, 3, iters=500, tol=1e-12)
+    capped = tucker2(Pp, Qp, 3, iters=2, tol=0.0)
+    assert loose.converged and loose.sweeps < tight.sweeps
+    assert abs(loose.errors[-2] - loose.errors[-1]) < 1e-3
+    assert capped.sweeps == 2 and not capped.converged
+    assert tight.errors[-1] <= loose.errors[-1] + 1e-15
+
+
+def test_objective_matches_tensorly_partial_tucker():
+    """An independent solver reaches the same Problem-11 objective on the same targets."""
+    tl = pytest.importorskip("tensorly")
+    from tensorly.decomposition import partial_tucker
+
+    tl.set_backend("pytorch")
+    As, Bs, s = lora_factors(5, ranks=[4, 3, 4, 2, 4], norms=[1, 2, 4, 8, 16])
+    cs = build_core_space(As, Bs, s, torch.float64)
+    M = cs.core_matrices()  # (T, k, k)
+    sol = tucker2(*cs.padded(), 4, iters=4000, tol=1e-15)
+    X = M.permute(1, 2, 0).contiguous()  # k × k × T, task mode last (as the authors do)
+    (core, factors), _ = partial_tucker(X, rank=[4, 4], modes=[0, 1], n_iter_max=4000, tol=1e-14)
+    rec = torch.einsum("abt,ia,jb->ijt", core, factors[0], factors[1])
+    err_tl = float(torch.linalg.norm(rec - X) / torch.linalg.norm(X))
+    assert abs(sol.errors[-1] - err_tl) < 1e-7, (sol.errors[-1], err_tl)
+
+
+def test_batched_solve_equals_single():
+    probs = [build_core_space(*lora_factors(4, ranks=3, seed=k), torch.float64) for k in range(3)]
+    P = torch.stack([cs.padded()[0] for cs in probs])
+    Q = torch.stack([cs.padded()[1] for cs in probs])
+    batch = tucker2_batch(P, Q, 3, iters=200, tol=1e-12)
+    for k, cs in enumerate(probs):
+        single = tucker2(*cs.padded(), 3, iters=200, tol=1e-12)
+        assert batch[k].sweeps == single.sweeps
+        assert torch.allclose(batch[k].U, single.U, atol=1e-10)
