@@ -132,8 +132,20 @@ def _params(p: dict, T: int) -> dict:
 def test_ctm_matches_reference(T, ranks, rule, p):
     As, Bs, s = lora_factors(T, n=48, m=40, ranks=ranks, seed=T)
     p = _params(p, T)
-    out = merge_lora(As, Bs, s, method="ctm", rank=5, beta=0.25, base_rule=rule,
-                     rule_params=p, hooi_iters=5000, hooi_tol=1e-15, lam=1.3, dtype=torch.float64)
+    out = merge_lora(
+        As,
+        Bs,
+        s,
+        method="ctm",
+        rank=5,
+        beta=0.25,
+        base_rule=rule,
+        rule_params=p,
+        hooi_iters=5000,
+        hooi_tol=1e-15,
+        lam=1.3,
+        dtype=torch.float64,
+    )
     ref = ref_ctm(As, Bs, s, 5, 0.25, rule, p, lam=1.3)
     assert out.rank <= 5 and torch.linalg.matrix_rank(out.delta()) <= 5
     assert rel(out.delta(), ref) < 1e-6
@@ -145,8 +157,17 @@ def test_ctm_matches_reference(T, ranks, rule, p):
 def test_core_space_matches_reference(T, ranks, rule, p, rank):
     As, Bs, s = lora_factors(T, n=48, m=40, ranks=ranks, seed=T)
     p = _params(p, T)
-    out = merge_lora(As, Bs, s, method="core_space", rank=rank, base_rule=rule, rule_params=p,
-                     lam=0.7, dtype=torch.float64)
+    out = merge_lora(
+        As,
+        Bs,
+        s,
+        method="core_space",
+        rank=rank,
+        base_rule=rule,
+        rule_params=p,
+        lam=0.7,
+        dtype=torch.float64,
+    )
     ref = ref_core_space(As, Bs, s, rank, rule, p, lam=0.7)
     check(out, ref, rule, rank is not None, 1e-9)
     if rank is None and rule == "task_arithmetic" and not p:  # lossless: exactly Σ ΔWₜ
@@ -159,8 +180,17 @@ def test_core_space_matches_reference(T, ranks, rule, p, rank):
 def test_mtc_matches_reference(T, ranks, rule, p, space):
     As, Bs, s = lora_factors(T, n=48, m=40, ranks=ranks, seed=T)
     p = _params(p, T)
-    out = merge_lora(As, Bs, s, method="mtc", space=space, rank=4, base_rule=rule,
-                     rule_params=p, dtype=torch.float64)
+    out = merge_lora(
+        As,
+        Bs,
+        s,
+        method="mtc",
+        space=space,
+        rank=4,
+        base_rule=rule,
+        rule_params=p,
+        dtype=torch.float64,
+    )
     refs = {"full": ref_mtc_full, "knots": ref_knots, "core": ref_core_space}
     ref = refs[space](As, Bs, s, 4, rule, p)
     assert out.rank <= 4
@@ -174,7 +204,9 @@ def test_single_adapter_reproduced_exactly(ranks):
     for method in ("ctm", "core_space", "mtc", "lora_lego"):
         out = merge_lora(As, Bs, s, method=method, rank=6, dtype=torch.float64)
         assert rel(out.delta(), dense_updates(As, Bs, s)[0]) < 1e-10, method
-        assert out.rank == ranks[0] and out.rank_deficient and "nonzero directions" in out.info["note"]
+        assert (
+            out.rank == ranks[0] and out.rank_deficient and "nonzero directions" in out.info["note"]
+        )
 
 
 def test_lora_lego_properties():
@@ -187,8 +219,9 @@ def test_lora_lego_properties():
     again = merge_lora(As, Bs, s, method="lora_lego", rank=3, seed=4, dtype=torch.float64)
     assert torch.equal(small.A, again.A) and torch.equal(small.B, again.B)
     # two copies of one adapter cluster pairwise: centroid = unit, weight 2 = sum
-    dup = merge_lora(As[:1] * 2, Bs[:1] * 2, s[:1] * 2, method="lora_lego", rank=2,
-                     dtype=torch.float64)
+    dup = merge_lora(
+        As[:1] * 2, Bs[:1] * 2, s[:1] * 2, method="lora_lego", rank=2, dtype=torch.float64
+    )
     assert rel(dup.delta(), 2 * dW[0]) < 1e-10
 
 
@@ -206,8 +239,7 @@ def test_outputs_are_balanced_and_lambda_scales():
 @pytest.mark.parametrize("method", ["ctm", "core_space", "mtc"])
 def test_float32_and_float64_agree(method):
     As, Bs, s = lora_factors(6, n=64, m=48, ranks=4, norms=[0.2, 1, 3, 0.5, 2, 8])
-    kw = dict(method=method, rank=8, base_rule="ties", rule_params={"density": 0.5},
-              hooi_tol=1e-12)
+    kw = dict(method=method, rank=8, base_rule="ties", rule_params={"density": 0.5}, hooi_tol=1e-12)
     o64 = merge_lora(As, Bs, s, dtype=torch.float64, **kw)
     o32 = merge_lora([a.float() for a in As], [b.float() for b in Bs], s, dtype=torch.float32, **kw)
     assert o32.A.dtype == torch.float32
