@@ -12,7 +12,13 @@ from typing import Any
 import torch
 
 from mergekit_ctm.engine.core import build_core_space
-from mergekit_ctm.engine.linalg import F64, balanced_svd_factors, canonical_signs, gram_basis
+from mergekit_ctm.engine.linalg import (
+    F64,
+    balanced_svd_factors,
+    canonical_signs,
+    gram_basis,
+    tiny_cpu_ops,
+)
 from mergekit_ctm.engine.tucker import tucker2, tucker2_batch
 from mergekit_ctm.engine.types import MergedLora
 
@@ -45,7 +51,8 @@ def _lift(
     info: dict,
 ) -> MergedLora:
     """λ·U C Vᵀ as balanced factors: B = U p√S, A = √S qᵀ Vᵀ from the SVD C = p S qᵀ."""
-    Bc, Ac, S = balanced_svd_factors(lam * C, rank)
+    with tiny_cpu_ops(C.device):
+        Bc, Ac, S = balanced_svd_factors(lam * C, rank)
     B = U_left @ Bc.to(U_left.dtype)
     A = Ac.to(V_right.dtype) @ V_right.mT
     info["singular_values"] = S.tolist()
@@ -69,8 +76,9 @@ def _ctm_finish(
     su, sv = canonical_signs(U), canonical_signs(V)
     U, V = U * su, V * sv
     Uc, Vc = sol.U * su.to(F64), sol.V * sv.to(F64)
-    O = (Uc.mT @ Pp) @ (Qp.mT @ Vc)  # (T, r, r): Oₜ = U_coreᵀ Mₜ V_core
-    merged = _rule(O, base_rule, rule_params, seed)
+    with tiny_cpu_ops(Pp.device):
+        O = (Uc.mT @ Pp) @ (Qp.mT @ Vc)  # (T, r, r): Oₜ = U_coreᵀ Mₜ V_core
+        merged = _rule(O, base_rule, rule_params, seed)
     info = {
         "method": "ctm",
         "hooi_errors": sol.errors,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergekit_ctm.engine.linalg import F64, top_eigh
+from mergekit_ctm.engine.linalg import F64, tiny_cpu_ops, top_eigh
 
 
 @dataclass
@@ -81,6 +81,11 @@ def tucker2_batch(
     Batching only amortises per-call overhead: each problem stops on its own criterion and its
     U, V are frozen afterwards, so it runs the same sweeps as it would alone.
     """
+    with tiny_cpu_ops(P.device):
+        return _tucker2_batch(P, Q, rank, iters, tol)
+
+
+def _tucker2_batch(P, Q, rank: int, iters: int, tol: float) -> list[Tucker2Result]:
     Pp, Qp = P.to(F64), Q.to(F64)
     b = Pp.shape[0]
     r = min(rank, Pp.shape[-2], Qp.shape[-2])

@@ -1,0 +1,156 @@
+"""Engine speed: CtM on Llama-3-8B-shaped LoRA factors vs the authors' tensorly path.
+
+    python bench/engine.py                      # 128 modules, T = 6, r = 16, + T sweep
+    python bench/engine.py --layers 4 --no-sweep
+
+What is timed (float32 factors, 2 CPU threads unless --threads):
+* ours      : ``merge_lora(method="ctm", base_rule="ties")`` once per module (128 calls), and
+              ``merge_lora_many`` per layer (the 4 modules of a layer share one batched solve).
+* tensorly  : the way the CtM authors' code solves Problem 11 — thin SVDs of the stacked factors,
+              the dense (Σr × Σr × T) core tensor, ``tensorly.decomposition.partial_tucker``
+              (HOSVD init + HOOI, same tolerance semantics and value as ours), then the same
+              projection, TIES merge and lift. Only the subspace solver differs.
+Factor generation is not timed. Factors: Aₜ Gaussian / √m (LoRA's init), Bₜ with a power-law
+spectrum, a component shared by all tasks and task norms spread over 10× (``--gaussian`` uses
+plain Gaussian factors, the hardest case for HOOI: a flat spectrum converges slowest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from mergekit_ctm.engine import merge_lora, merge_lora_many
+from mergekit_ctm.engine.linalg import canonical_signs
+from mergekit_ctm.engine.pipelines import _lift, _rule
+
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096),
+          "o_proj": (4096, 4096)}
+
+
+def make_factors(n: int, m: int, T: int, r: int, seed: int, gaussian: bool):
+    g = torch.Generator().manual_seed(seed)
+    As = [torch.randn(r, m, generator=g) / math.sqrt(m) for _ in range(T)]
+    if gaussian:
+        Bs = [torch.randn(n, r, generator=g) * (0.5 + t) / math.sqrt(n) for t in range(T)]
+        return As, Bs, [1.0] * T
+    shared = torch.randn(n, r, generator=g) / math.sqrt(n)
+    decay = 1.0 / (1.0 + torch.arange(r, dtype=torch.float32))
+    norms = torch.logspace(-0.5, 0.5, T).tolist()
+    Bs = [(0.5 * shared + torch.randn(n, r, generator=g) / math.sqrt(n)) * decay * norms[t]
+          for t in range(T)]
+    return As, Bs, [2.0] * T
+
+
+def tensorly_ctm(As, Bs, s, r: int, beta: float, rule_params: dict, tol: float, iters: int):
+    """CtM with the authors' solver: dense core tensor + tensorly partial_tucker."""
+    import tensorly as tl
+    from tensorly.decomposition import partial_tucker
+
+    tl.set_backend("pytorch")
+    B_cat = torch.cat([si * B for B, si in zip(Bs, s)], dim=1)
+    A_cat = torch.cat(As, dim=0)
+    U_B = torch.linalg.svd(B_cat, full_matrices=False).U
+    V_A = torch.linalg.svd(A_cat, full_matrices=False).Vh.T
+    M = torch.stack([(U_B.T @ (si * B)) @ (A @ V_A) for A, B, si in zip(As, Bs, s)]).double()
+    norms = torch.linalg.matrix_norm(M)
+    c = (beta * norms + (1 - beta) * norms.mean()) / norms
+    X = (c.view(-1, 1, 1) * M).permute(1, 2, 0).contiguous()
+    (_, (Uc, Vc)), _ = partial_tucker(X, rank=[r, r], modes=[0, 1], n_iter_max=iters, tol=tol)
+    U, V = U_B @ Uc.float(), V_A @ Vc.float()
+    su, sv = canonical_signs(U), canonical_signs(V)
+    U, V, Uc, Vc = U * su, V * sv, Uc * su.double(), Vc * sv.double()
+    O = Uc.T @ M @ Vc
+    merged = _rule(O, "ties", rule_params, None)
+    return _lift(U, merged, V, r, 1.0, torch.float32, r, {})
+
+
+def run_model(layers: int, T: int, r: int, gaussian: bool, tol: float, iters: int) -> dict:
+    modules = [(f"layers.{i}.{name}", shape) for i in range(layers) for name, shape in SHAPES.items()]
+    params = dict(rank=r, beta=0.5, base_rule="ties", rule_params={"density": 0.5},
+                  hooi_tol=tol, hooi_iters=iters)
+    warm = make_factors(64, 48, T, r, seed=99, gaussian=gaussian)  # imports, LAPACK init
+    merge_lora(*warm, method="ctm", **params)
+    tensorly_ctm(*warm, r, 0.5, {"density": 0.5}, tol, iters)
+    t_ours = t_many = t_tl = 0.0
+    sweeps, diffs = [], []
+    for li in range(layers):
+        batch = [make_factors(*SHAPES[name], T, r, seed=li * 10 + k, gaussian=gaussian)
+                 for k, name in enumerate(SHAPES)]
+        t0 = time.perf_counter()
+        outs = [merge_lora(*f, method="ctm", **params) for f in batch]
+        t1 = time.perf_counter()
+        merge_lora_many(batch, method="ctm", **params)
+        t2 = time.perf_counter()
+        refs = [tensorly_ctm(*f, r, 0.5, {"density": 0.5}, tol, iters) for f in batch]
+        t3 = time.perf_counter()
+        t_ours, t_many, t_tl = t_ours + t1 - t0, t_many + t2 - t1, t_tl + t3 - t2
+        sweeps += [o.info["hooi_sweeps"] for o in outs]
+        diffs += [float((o.delta() - ref.delta()).norm() / ref.delta().norm())
+                  for o, ref in zip(outs, refs)]
+    return {"modules": len(modules), "ours": t_ours, "ours_batched": t_many, "tensorly": t_tl,
+            "sweeps": sweeps, "diffs": diffs}
+
+
+def sweep_T(Ts: list[int], r: int, n: int, gaussian: bool, tol: float, iters: int):
+    rows = []
+    for T in Ts:
+        f = make_factors(n, n, T, r, seed=T, gaussian=gaussian)
+        merge_lora(*f, method="ctm", rank=r, hooi_tol=tol, hooi_iters=iters)  # warm-up
+        times, out = [], None
+        for _ in range(3 if T <= 64 else 1):
+            t0 = time.perf_counter()
+            out = merge_lora(*f, method="ctm", rank=r, hooi_tol=tol, hooi_iters=iters)
+            times.append(time.perf_counter() - t0)
+        rows.append((T, min(times), out.info["hooi_sweeps"]))
+        print(f"  T={T:4d}  {min(times) * 1e3:9.1f} ms  sweeps={out.info['hooi_sweeps']}",
+              flush=True)
+    xs = [math.log(T) for T, _, _ in rows]
+    ys = [math.log(t) for _, t, _ in rows]
+    k = len(xs) // 2  # slope over the upper half, where the asymptotic term dominates
+    slope = statistics.linear_regression(xs[k:], ys[k:]).slope
+    per_sweep = [math.log(t / max(s, 1)) for _, t, s in rows]
+    slope_sweep = statistics.linear_regression(xs[k:], per_sweep[k:]).slope
+    return rows, slope, slope_sweep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--T", type=int, default=6)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--tol", type=float, default=1e-10)
+    ap.add_argument("--iters", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gaussian", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-n", type=int, default=4096)
+    ap.add_argument("--sweep-max", type=int, default=256)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    kind = "gaussian" if a.gaussian else "structured"
+    print(f"# ctm, {a.layers} layers x 4 modules, T={a.T}, r={a.rank}, float32, {kind} factors, "
+          f"tol={a.tol}, {a.threads} threads")
+    res = run_model(a.layers, a.T, a.rank, a.gaussian, a.tol, a.iters)
+    sw = res["sweeps"]
+    print(f"ours, per module      : {res['ours']:8.3f} s for {res['modules']} modules")
+    print(f"ours, batched per layer: {res['ours_batched']:8.3f} s")
+    print(f"tensorly partial_tucker: {res['tensorly']:8.3f} s")
+    print(f"speed-up vs tensorly   : {res['tensorly'] / res['ours']:8.1f}x (per module), "
+          f"{res['tensorly'] / res['ours_batched']:.1f}x (batched)")
+    print(f"HOOI sweeps            : median {statistics.median(sw)}, max {max(sw)}")
+    print(f"max rel. ΔW difference ours vs tensorly: {max(res['diffs']):.2e}")
+    if not a.no_sweep:
+        Ts = [T for T in (2, 4, 8, 16, 32, 64, 128, 256) if T <= a.sweep_max]
+        print(f"# one {a.sweep_n}x{a.sweep_n} module, r={a.rank}, T sweep")
+        _, slope, slope_sweep = sweep_T(Ts, a.rank, a.sweep_n, a.gaussian, a.tol, a.iters)
+        print(f"growth exponent of total time in T (upper half): {slope:.2f}")
+        print(f"growth exponent of time per HOOI sweep          : {slope_sweep:.2f}")
+
+
+if __name__ == "__main__":
+    main()
