@@ -28,8 +28,12 @@ from mergekit_ctm.engine import merge_lora, merge_lora_many
 from mergekit_ctm.engine.linalg import canonical_signs
 from mergekit_ctm.engine.pipelines import _lift, _rule
 
-SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096),
-          "o_proj": (4096, 4096)}
+SHAPES = {
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+}
 
 
 def make_factors(n: int, m: int, T: int, r: int, seed: int, gaussian: bool):
@@ -41,8 +45,10 @@ def make_factors(n: int, m: int, T: int, r: int, seed: int, gaussian: bool):
     shared = torch.randn(n, r, generator=g) / math.sqrt(n)
     decay = 1.0 / (1.0 + torch.arange(r, dtype=torch.float32))
     norms = torch.logspace(-0.5, 0.5, T).tolist()
-    Bs = [(0.5 * shared + torch.randn(n, r, generator=g) / math.sqrt(n)) * decay * norms[t]
-          for t in range(T)]
+    Bs = [
+        (0.5 * shared + torch.randn(n, r, generator=g) / math.sqrt(n)) * decay * norms[t]
+        for t in range(T)
+    ]
     return As, Bs, [2.0] * T
 
 
@@ -70,17 +76,27 @@ def tensorly_ctm(As, Bs, s, r: int, beta: float, rule_params: dict, tol: float, 
 
 
 def run_model(layers: int, T: int, r: int, gaussian: bool, tol: float, iters: int) -> dict:
-    modules = [(f"layers.{i}.{name}", shape) for i in range(layers) for name, shape in SHAPES.items()]
-    params = dict(rank=r, beta=0.5, base_rule="ties", rule_params={"density": 0.5},
-                  hooi_tol=tol, hooi_iters=iters)
+    modules = [
+        (f"layers.{i}.{name}", shape) for i in range(layers) for name, shape in SHAPES.items()
+    ]
+    params = dict(
+        rank=r,
+        beta=0.5,
+        base_rule="ties",
+        rule_params={"density": 0.5},
+        hooi_tol=tol,
+        hooi_iters=iters,
+    )
     warm = make_factors(64, 48, T, r, seed=99, gaussian=gaussian)  # imports, LAPACK init
     merge_lora(*warm, method="ctm", **params)
     tensorly_ctm(*warm, r, 0.5, {"density": 0.5}, tol, iters)
     t_ours = t_many = t_tl = 0.0
     sweeps, diffs = [], []
     for li in range(layers):
-        batch = [make_factors(*SHAPES[name], T, r, seed=li * 10 + k, gaussian=gaussian)
-                 for k, name in enumerate(SHAPES)]
+        batch = [
+            make_factors(*SHAPES[name], T, r, seed=li * 10 + k, gaussian=gaussian)
+            for k, name in enumerate(SHAPES)
+        ]
         t0 = time.perf_counter()
         outs = [merge_lora(*f, method="ctm", **params) for f in batch]
         t1 = time.perf_counter()
@@ -90,10 +106,18 @@ def run_model(layers: int, T: int, r: int, gaussian: bool, tol: float, iters: in
         t3 = time.perf_counter()
         t_ours, t_many, t_tl = t_ours + t1 - t0, t_many + t2 - t1, t_tl + t3 - t2
         sweeps += [o.info["hooi_sweeps"] for o in outs]
-        diffs += [float((o.delta() - ref.delta()).norm() / ref.delta().norm())
-                  for o, ref in zip(outs, refs)]
-    return {"modules": len(modules), "ours": t_ours, "ours_batched": t_many, "tensorly": t_tl,
-            "sweeps": sweeps, "diffs": diffs}
+        diffs += [
+            float((o.delta() - ref.delta()).norm() / ref.delta().norm())
+            for o, ref in zip(outs, refs)
+        ]
+    return {
+        "modules": len(modules),
+        "ours": t_ours,
+        "ours_batched": t_many,
+        "tensorly": t_tl,
+        "sweeps": sweeps,
+        "diffs": diffs,
+    }
 
 
 def sweep_T(Ts: list[int], r: int, n: int, gaussian: bool, tol: float, iters: int):
@@ -107,8 +131,9 @@ def sweep_T(Ts: list[int], r: int, n: int, gaussian: bool, tol: float, iters: in
             out = merge_lora(*f, method="ctm", rank=r, hooi_tol=tol, hooi_iters=iters)
             times.append(time.perf_counter() - t0)
         rows.append((T, min(times), out.info["hooi_sweeps"]))
-        print(f"  T={T:4d}  {min(times) * 1e3:9.1f} ms  sweeps={out.info['hooi_sweeps']}",
-              flush=True)
+        print(
+            f"  T={T:4d}  {min(times) * 1e3:9.1f} ms  sweeps={out.info['hooi_sweeps']}", flush=True
+        )
     xs = [math.log(T) for T, _, _ in rows]
     ys = [math.log(t) for _, t, _ in rows]
     k = len(xs) // 2  # slope over the upper half, where the asymptotic term dominates
@@ -133,15 +158,19 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     kind = "gaussian" if a.gaussian else "structured"
-    print(f"# ctm, {a.layers} layers x 4 modules, T={a.T}, r={a.rank}, float32, {kind} factors, "
-          f"tol={a.tol}, {a.threads} threads")
+    print(
+        f"# ctm, {a.layers} layers x 4 modules, T={a.T}, r={a.rank}, float32, {kind} factors, "
+        f"tol={a.tol}, {a.threads} threads"
+    )
     res = run_model(a.layers, a.T, a.rank, a.gaussian, a.tol, a.iters)
     sw = res["sweeps"]
     print(f"ours, per module      : {res['ours']:8.3f} s for {res['modules']} modules")
     print(f"ours, batched per layer: {res['ours_batched']:8.3f} s")
     print(f"tensorly partial_tucker: {res['tensorly']:8.3f} s")
-    print(f"speed-up vs tensorly   : {res['tensorly'] / res['ours']:8.1f}x (per module), "
-          f"{res['tensorly'] / res['ours_batched']:.1f}x (batched)")
+    print(
+        f"speed-up vs tensorly   : {res['tensorly'] / res['ours']:8.1f}x (per module), "
+        f"{res['tensorly'] / res['ours_batched']:.1f}x (batched)"
+    )
     print(f"HOOI sweeps            : median {statistics.median(sw)}, max {max(sw)}")
     print(f"max rel. ΔW difference ours vs tensorly: {max(res['diffs']):.2e}")
     if not a.no_sweep:
