@@ -1,6 +1,6 @@
 """Recipe validation: strict pydantic models, then a full check of every adapter (headers only).
 
-    plan = build_plan(yaml_text)        # raises RecipeError naming the field / adapter / module
+plan = build_plan(yaml_text)        # raises RecipeError naming the field / adapter / module
 """
 
 from mergekit_ctm.recipe.model import AdapterInput, Recipe, RecipeError, parse_recipe

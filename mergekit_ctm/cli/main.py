@@ -1,0 +1,105 @@
+"""`mergekit-ctm` command: merge, validate, inspect, reference.
+
+mergekit-ctm merge RECIPE OUT [mergekit-yaml options]
+mergekit-ctm validate RECIPE                 # recipe + every adapter, plan, no tensor math
+mergekit-ctm inspect OUT --inputs A1 A2 ...  # per-task energy retention (002, App. D.1)
+mergekit-ctm reference [-o docs/reference.md]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from mergekit.options import MergeOptions, add_merge_options
+
+import mergekit_ctm  # noqa: F401  (registers the methods)
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.group(help="Merge many PEFT LoRA adapters into one low-rank LoRA (mergekit plugin).")
+def main() -> None:
+    pass
+
+
+@main.command(
+    "merge", help="Merge the adapters of RECIPE into OUT (same options as mergekit-yaml)."
+)
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_path")
+@add_merge_options
+def merge_cmd(merge_options: MergeOptions, recipe: str, out_path: str) -> None:
+    from mergekit_ctm.plan.run import run_adapter_merge
+    from mergekit_ctm.recipe import RecipeError
+
+    merge_options.apply_global_options()
+    with open(recipe, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        result = run_adapter_merge(text, out_path, merge_options, config_source=text)
+    except RecipeError as exc:
+        _fail(exc)
+    if not merge_options.quiet:
+        ranks = result.get("ranks") or {}
+        click.echo(f"wrote {out_path}" + (f" ({len(ranks)} modules)" if ranks else ""))
+
+
+@main.command("validate", help="Check RECIPE and every adapter; print the plan (no tensor math).")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--random-seed", type=int, default=None, help="seed used for per-module seeds")
+def validate_cmd(recipe: str, random_seed: int | None) -> None:
+    from mergekit_ctm.cli.report import describe_plan
+    from mergekit_ctm.recipe import RecipeError, build_plan
+
+    with open(recipe, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        plan = build_plan(text, random_seed=random_seed)
+    except RecipeError as exc:
+        _fail(exc)
+    click.echo(describe_plan(plan))
+
+
+@main.command(
+    "inspect",
+    help="Per-task energy retention ρ̄(t) of merged adapter OUT (002 D.1).",
+    context_settings={"allow_extra_args": True},
+)
+@click.argument("out_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--inputs", "inputs", multiple=True, required=True, help="input adapters (repeat)")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="bar chart PNG")
+def inspect_cmd(out_path: str, inputs: tuple[str, ...], plot: str | None) -> None:
+    from mergekit_ctm.adapters import AdapterError
+    from mergekit_ctm.cli.report import energy_retention, format_retention, plot_retention
+
+    # click's `multiple` needs --inputs before each value; also accept `--inputs A B C`.
+    extra = list(click.get_current_context().args)
+    try:
+        table = energy_retention(out_path, list(inputs) + extra)
+    except AdapterError as exc:
+        _fail(exc)
+    click.echo(format_retention(table))
+    if plot:
+        plot_retention(table, plot)
+        click.echo(f"wrote {plot}")
+
+
+@main.command("reference", help="Print (or write) docs/reference.md from the registered specs.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+def reference_cmd(output: str | None) -> None:
+    from mergekit_ctm.cli.reference import reference_markdown
+
+    text = reference_markdown()
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        click.echo(text, nl=False)
+
+
+if __name__ == "__main__":
+    main()

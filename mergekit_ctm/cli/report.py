@@ -1,0 +1,172 @@
+"""Plan description (`validate`) and per-task energy retention (`inspect`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_ctm.adapters import AdapterError, load_factors, read_adapter
+from mergekit_ctm.recipe import MergePlan, ModulePlan
+
+
+def output_rank(plan: MergePlan, module: ModulePlan) -> int:
+    """Upper bound of the directions written for a module: rank, or Σ r_t when lossless."""
+    total = sum(module.ranks)
+    rank = module.param("rank")
+    bound = min(total, module.n_out, module.m_in)
+    return bound if rank is None else min(rank, bound)
+
+
+def module_peak_bytes(plan: MergePlan, module: ModulePlan) -> int:
+    """Rough peak working memory of one module's merge (factors, work space, output)."""
+    item = 8 if plan.dtype == "float64" else 4
+    n, m, total = module.n_out, module.m_in, sum(module.ranks)
+    factors = total * (n + m) * item
+    out = output_rank(plan, module) * (n + m) * item
+    work = 2 * total * (n + m) * item + 8 * total * total * 4  # thin factorizations + core
+    if plan.method == "mtc" and module.param("space", "full") in ("full", "knots"):
+        work += (len(module.adapters) + 2) * n * m * item  # dense ΔW per task + merged
+    if plan.method == "lora_lego":
+        work += total * (n + m) * item
+    return factors + out + work
+
+
+def describe_plan(plan: MergePlan) -> str:
+    """Human-readable plan: inputs, modules, ranks per adapter, output rank, peak memory."""
+    lines = [
+        f"recipe OK: merge_method {plan.method}"
+        + (f", base_rule {plan.base_rule}" if plan.base_rule else "")
+        + f", output {plan.output}, dtype {plan.dtype} -> {plan.out_dtype}",
+        f"base model: {plan.base_model or '(unknown)'}"
+        + (f" ({plan.num_layers} layers)" if plan.num_layers else ""),
+        f"adapters ({len(plan.adapters)}):",
+    ]
+    for i, info in enumerate(plan.adapters):
+        rs = sorted({mod.r for mod in info.modules.values()})
+        lines.append(
+            f"  [{i}] {info.ref}: {len(info.modules)} LoRA modules, rank {'/'.join(map(str, rs))}"
+            + (f", {len(info.full_tensors)} full tensors" if info.full_tensors else "")
+        )
+    lines.append(f"modules ({len(plan.modules)}):")
+    width = max((len(m.name) for m in plan.modules), default=10)
+    lines.append(f"  {'module'.ljust(width)}  ranks per adapter        -> out  peak MiB")
+    peak = 0
+    for mod in plan.modules:
+        ranks = " ".join(f"[{i}]={r}" for i, r in zip(mod.adapters, mod.ranks))
+        b = module_peak_bytes(plan, mod)
+        peak = max(peak, b)
+        lines.append(
+            f"  {mod.name.ljust(width)}  {ranks.ljust(24)} -> {output_rank(plan, mod):>3}"
+            f"  {b / 2**20:8.2f}"
+        )
+    for d in plan.dense:
+        who = ", ".join(f"[{i}]" for i, _ in d.sources)
+        how = "pass through" if len(d.sources) == 1 else f"merged with {d.rule}"
+        lines.append(f"  {d.weight_name} ({d.role}, {who}): {how}")
+    lines.append(
+        f"estimated peak working memory: {peak / 2**20:.2f} MiB (one module at a time, "
+        "plus the interpreter and torch)"
+    )
+    return "\n".join(lines)
+
+
+@dataclass
+class Retention:
+    """ρ̄(t) for each input adapter: mean over its modules of ρ^(t),i (Appendix D.1 of 002)."""
+
+    inputs: list[str]
+    per_module: list[dict[str, float]]
+
+    def mean(self, t: int) -> float:
+        vals = list(self.per_module[t].values())
+        return sum(vals) / len(vals) if vals else float("nan")
+
+
+def retention_ratio(
+    merged_A: torch.Tensor,
+    merged_B: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float = 1.0,
+) -> float:
+    """ρ = ‖U Uᵀ ΔW_t V Vᵀ‖_F / ‖ΔW_t‖_F, (U, V) the singular subspaces of ΔW = B_m A_m.
+
+    Factored, in float64: U spans range(B_m), V spans range(A_mᵀ) restricted to the nonzero
+    singular values of ΔW, so ‖Uᵀ ΔW_t V‖_F = s ‖(Uᵀ B_t)(A_t V)‖_F.
+    """
+    bm, am = merged_B.double(), merged_A.double()
+    qb, rb = torch.linalg.qr(bm)
+    qa, ra = torch.linalg.qr(am.T)
+    core = rb @ ra.T
+    p, s, qh = torch.linalg.svd(core)
+    keep = s > 1e-12 * (s[0] if s.numel() else 0)
+    u = qb @ p[:, keep]
+    v = qa @ qh.T[:, keep]
+    b, a = B.double(), A.double()
+    proj = (u.T @ b) @ (a @ v)
+    num = torch.linalg.norm(proj)
+    den = torch.sqrt(torch.clamp(torch.trace((b.T @ b) @ (a @ a.T)), min=0.0))
+    if den == 0:
+        return float("nan")
+    return float(num / den)  # scaling cancels
+
+
+def energy_retention(out_path: str, inputs: Sequence[str]) -> Retention:
+    """ρ^(t),i for every input t and every module i it shares with the merged adapter."""
+    merged = read_adapter(out_path)
+    infos = [read_adapter(p) for p in inputs]
+    per_module: list[dict[str, float]] = []
+    for info in infos:
+        rows: dict[str, float] = {}
+        for name in info.modules:
+            if name not in merged.modules:
+                continue
+            am, bm, sm = load_factors(merged, name, dtype=torch.float64)
+            a, b, s = load_factors(info, name, dtype=torch.float64)
+            rows[name] = retention_ratio(am * sm, bm, a, b, s)
+        if not rows:
+            raise AdapterError(
+                f"adapter {info.ref!r} shares no module with merged adapter {out_path!r}"
+            )
+        per_module.append(rows)
+    return Retention(inputs=[i.ref for i in infos], per_module=per_module)
+
+
+def format_retention(table: Retention) -> str:
+    width = max(len(x) for x in table.inputs)
+    lines = [f"{'adapter'.ljust(width)}  modules  mean ρ̄   min     max"]
+    for t, name in enumerate(table.inputs):
+        vals = list(table.per_module[t].values())
+        lines.append(
+            f"{name.ljust(width)}  {len(vals):7d}  {table.mean(t):.4f}  {min(vals):.4f}  "
+            f"{max(vals):.4f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_retention(table: Retention, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise click_error("--plot needs matplotlib: pip install matplotlib") from exc
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(table.inputs) + 2), 3))
+    means = [table.mean(t) for t in range(len(table.inputs))]
+    labels = [x.rstrip("/").split("/")[-1] for x in table.inputs]
+    ax.bar(range(len(means)), means)
+    ax.set_xticks(range(len(means)), labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("energy retention ρ̄")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def click_error(msg: str) -> Exception:
+    import click
+
+    return click.ClickException(msg)

@@ -1,0 +1,342 @@
+"""Plan and run an adapter merge on mergekit's Executor; write into a temporary sibling
+directory that is renamed into place only when everything succeeded."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import yaml
+from mergekit.common import ModelReference
+from mergekit.graph import Executor, Task
+from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
+from mergekit.options import MergeOptions
+
+from mergekit_ctm.plan.tasks import (
+    ApplyDelta,
+    FinalizeAdapter,
+    LoadDense,
+    LoadFactors,
+    MergeDense,
+    MergeModule,
+    ModuleRank,
+    PeftFactor,
+)
+from mergekit_ctm.recipe import MergePlan, build_plan
+
+LOG = logging.getLogger(__name__)
+
+ADAPTER_BUFFER = 2 * 2**20
+
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def recipe_source(merge_config: Any, config_source: str | None) -> str | dict[str, Any]:
+    """The recipe to validate: the raw YAML when given (mergekit's model drops unknown keys)."""
+    if config_source is not None:
+        return config_source
+    if isinstance(merge_config, (str, dict)):
+        return merge_config
+    return merge_config.model_dump(mode="json", exclude_none=True)
+
+
+def _module_tasks(plan: MergePlan, module: Any) -> tuple[MergeModule, tuple[LoadFactors, ...]]:
+    loads = tuple(
+        LoadFactors(adapter_path=plan.adapters[i].path, module=module.name, dtype=plan.dtype)
+        for i in module.adapters
+    )
+    merge = MergeModule(
+        module=module.name,
+        factors=loads,
+        method=plan.method,
+        params=module.params,
+        rule_params=module.rule_params,
+        seed=module.seed,
+        dtype=plan.dtype,
+    )
+    return merge, loads
+
+
+def _dense_task(plan: MergePlan, dense: Any, base_index: Any) -> MergeDense:
+    base = None
+    if base_index is not None and dense.weight_name in base_index:
+        base = LoadTensor(
+            model=ModelReference.parse(plan.base_model), tensor=dense.weight_name, dtype=plan.dtype
+        )
+    return MergeDense(
+        key=dense.key,
+        sources=tuple(
+            LoadDense(adapter_path=plan.adapters[i].path, key=k, dtype=plan.dtype)
+            for i, k in dense.sources
+        ),
+        base=base,
+        rule=dense.rule,
+        rule_params=dense.rule_params,
+        seed=dense.seed,
+    )
+
+
+def _base_index(plan: MergePlan) -> set[str] | None:
+    if not plan.base_model or not os.path.isdir(plan.base_model):
+        return None
+    from mergekit.io import ShardedTensorIndex
+
+    try:
+        return set(ShardedTensorIndex.from_disk(plan.base_model).tensor_paths)
+    except Exception:
+        return None
+
+
+def plan_adapter_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> list[Task]:
+    """Tasks writing a PEFT adapter into ``out_path``; the last one returns the produced ranks."""
+    # Shards of at most ADAPTER_BUFFER bytes bound the writer's memory; FinalizeAdapter joins
+    # them into the single adapter_model.safetensors that PEFT loads.
+    writer = TensorWriterTask(
+        out_path=out_path,
+        max_shard_size=min(options.out_shard_size, ADAPTER_BUFFER),
+        safe_serialization=True,
+        override_basename="adapter_model",
+    )
+    saves: list[Task] = []
+    ranks: list[ModuleRank] = []
+    for module in plan.modules:
+        merge, _ = _module_tasks(plan, module)
+        transposed = module.kind == "embedding" or module.fan_in_fan_out
+        for which, key in (("A", module.key_A), ("B", module.key_B)):
+            saves.append(
+                SaveTensor(
+                    tensor_name=key,
+                    tensor_task=PeftFactor(merge=merge, which=which, transposed=transposed),
+                    writer_task=writer,
+                    clone=options.clone_tensors,
+                    dtype=plan.out_dtype,
+                )
+            )
+        ranks.append(ModuleRank(merge=merge))
+    base_index = _base_index(plan)
+    for dense in plan.dense:
+        saves.append(
+            SaveTensor(
+                tensor_name=dense.key,
+                tensor_task=_dense_task(plan, dense, base_index),
+                writer_task=writer,
+                clone=options.clone_tensors,
+                dtype=plan.out_dtype,
+            )
+        )
+    rank = plan.modules[0].param("rank") if plan.modules else None
+    finalize = FinalizeAdapter(
+        writer_task=writer,
+        save_tasks=tuple(saves),
+        rank_tasks=tuple(ranks),
+        adapter_paths=tuple(a.path for a in plan.adapters),
+        rank=rank,
+        base_model=plan.base_model,
+        out_path=out_path,
+    )
+    return [*saves, finalize]
+
+
+def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> list[Task]:
+    """Tasks writing the base model with every merged ΔW = B A added, shard by shard."""
+    from mergekit.io import ShardedTensorIndex
+
+    base_ref = ModelReference.parse(plan.base_model)
+    index = ShardedTensorIndex.from_disk(plan.base_model)
+    writer = TensorWriterTask(
+        out_path=out_path,
+        max_shard_size=options.out_shard_size,
+        safe_serialization=options.safe_serialization,
+    )
+    by_weight: dict[str, Task] = {}
+    for module in plan.modules:
+        merge, _ = _module_tasks(plan, module)
+        by_weight[module.weight_name] = ApplyDelta(
+            base=LoadTensor(model=base_ref, tensor=module.weight_name),
+            merge=merge,
+            dtype=plan.dtype,
+        )
+    base_names = set(index.tensor_paths)
+    for dense in plan.dense:
+        by_weight[dense.weight_name] = _dense_task(plan, dense, base_names)
+    saves = []
+    for name in index.tensor_paths:
+        task = by_weight.get(name) or LoadTensor(model=base_ref, tensor=name)
+        saves.append(
+            SaveTensor(
+                tensor_name=name,
+                tensor_task=task,
+                writer_task=writer,
+                clone=options.clone_tensors,
+                dtype=plan.recipe.out_dtype,
+            )
+        )
+    missing = sorted(set(by_weight) - base_names)
+    if missing:
+        from mergekit_ctm.recipe import RecipeError
+
+        raise RecipeError(
+            f"output: model: base model {plan.base_model!r} has no tensor(s) {missing[:5]}; "
+            "the adapters were trained on another base model"
+        )
+    return [*saves, FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
+
+
+def _temp_sibling(out_path: str) -> str:
+    out_path = os.path.abspath(out_path)
+    parent = os.path.dirname(out_path) or "."
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.tmp-", dir=parent)
+
+
+def _commit(tmp: str, out_path: str) -> None:
+    """Move the finished output into place; an existing directory is replaced only now."""
+    out_path = os.path.abspath(out_path)
+    old = None
+    if os.path.lexists(out_path):
+        old = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(out_path)}.old-", dir=os.path.dirname(out_path)
+        )
+        os.rmdir(old)
+        os.rename(out_path, old)
+    try:
+        os.rename(tmp, out_path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def model_card(plan: MergePlan, name: str, ranks: dict[str, int] | None = None) -> str:
+    """README.md with Hub front matter (base_model, library_name: peft, tags)."""
+    meta: dict[str, Any] = {}
+    if plan.base_model:
+        meta["base_model"] = plan.base_model
+    if plan.output == "adapter":
+        meta["library_name"] = "peft"
+    meta["tags"] = ["mergekit", "merge", "mergekit-ctm", plan.method]
+    rule = f" with base rule `{plan.base_rule}`" if plan.base_rule else ""
+    what = "LoRA adapter" if plan.output == "adapter" else "model (base model + merged LoRA update)"
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        "---",
+        f"# {name}",
+        "",
+        f"This {what} was merged from {len(plan.adapters)} LoRA adapters with "
+        f"[mergekit-ctm](https://github.com/arcee-ai/mergekit) using the `{plan.method}` "
+        f"method{rule}.",
+        "",
+        "## Inputs",
+        "",
+    ]
+    for info in plan.adapters:
+        rs = sorted({m.r for m in info.modules.values()})
+        lines.append(
+            f"- `{info.ref}` (rank {', '.join(map(str, rs))}, {len(info.modules)} modules)"
+        )
+    if ranks:
+        out = sorted(set(ranks.values()))
+        lines += ["", f"Output rank: {', '.join(map(str, out))} over {len(ranks)} modules."]
+    lines += [
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        plan.recipe_text.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_metadata(plan: MergePlan, out: str, name: str, ranks: dict[str, int] | None) -> None:
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(plan, name, ranks))
+    with open(os.path.join(out, "mergekit_config.yml"), "w", encoding="utf-8") as f:
+        f.write(plan.recipe_text)
+
+
+def _copy_model_files(plan: MergePlan, out: str) -> None:
+    import json
+
+    with open(os.path.join(plan.base_model, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    if plan.recipe.out_dtype:
+        cfg["torch_dtype"] = plan.recipe.out_dtype
+        cfg["dtype"] = plan.recipe.out_dtype
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+    for fname in TOKENIZER_FILES:
+        src = os.path.join(plan.base_model, fname)
+        if os.path.isfile(src):
+            shutil.copy(src, os.path.join(out, fname))
+
+
+def execute_plan(plan: MergePlan, out_path: str, options: MergeOptions) -> dict[str, Any]:
+    """Run a validated plan; output appears at ``out_path`` only on success."""
+    if os.path.exists(out_path) and not os.path.isdir(out_path):
+        from mergekit_ctm.recipe import RecipeError
+
+        raise RecipeError(f"output path {out_path!r} exists and is not a directory")
+    tmp = _temp_sibling(out_path)
+    try:
+        if plan.output == "adapter":
+            targets = plan_adapter_tasks(plan, tmp, options)
+        else:
+            targets = plan_model_tasks(plan, tmp, options)
+        executor = Executor(
+            targets=targets,
+            math_device=options.device or "cpu",
+            storage_device=(options.device or "cpu") if options.low_cpu_memory else "cpu",
+        )
+        result: dict[str, Any] = {}
+        for task, value in executor.run(quiet=options.quiet, desc="mergekit-ctm"):
+            if isinstance(task, FinalizeAdapter):
+                result = value
+        if plan.output == "model":
+            _copy_model_files(plan, tmp)
+        if options.write_model_card:
+            _write_metadata(
+                plan, tmp, os.path.basename(os.path.abspath(out_path)), result.get("ranks")
+            )
+        _commit(tmp, out_path)
+        return result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_adapter_merge(
+    merge_config: Any,
+    out_path: str,
+    options: MergeOptions | None = None,
+    config_source: str | None = None,
+) -> dict[str, Any]:
+    """Entry point behind ``run_merge``: validate everything, then plan and execute.
+
+    merge_config: mergekit MergeConfiguration, a recipe dict, or YAML text. ``config_source``
+    (the raw YAML) takes precedence, since MergeConfiguration drops keys such as ``output``.
+    """
+    options = options or MergeOptions()
+    plan = build_plan(
+        recipe_source(merge_config, config_source),
+        random_seed=options.random_seed,
+        cache_dir=options.transformers_cache,
+    )
+    return execute_plan(plan, out_path, options)

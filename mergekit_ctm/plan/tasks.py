@@ -1,0 +1,321 @@
+"""mergekit Task graph nodes for adapter merging (streamed by mergekit's Executor).
+
+Per target module::
+
+    LoadFactors(adapter t, module) ×T ─► MergeModule ─► PeftFactor(A), PeftFactor(B) ─► SaveTensor
+                                                     └► ModuleRank ─► FinalizeAdapter
+
+Every field hashes and compares by value (strings, numbers, tuples), and tasks return tuples,
+so the Executor can deduplicate nodes and move tensors between devices. All tasks of one
+module share its ``group_label``, so the scheduler finishes a module before the next and its
+factors are freed once saved: memory does not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+from mergekit.common import dtype_from_name
+from mergekit.graph import Task
+from mergekit.io.tasks import LoadTensor, TensorWriterTask
+
+from mergekit_ctm.adapters import AdapterInfo, load_factors, load_full_tensor, read_adapter
+
+
+@lru_cache(maxsize=256)
+def adapter_info(path: str) -> AdapterInfo:
+    """AdapterInfo of a resolved local adapter directory (headers only, cached)."""
+    return read_adapter(path)
+
+
+def math_dtype(name: str | None) -> torch.dtype:
+    """Engine math dtype: float64 when asked for, else float32 (SVDs never run in half)."""
+    return torch.float64 if name == "float64" else torch.float32
+
+
+def engine_kwargs(
+    params: tuple[tuple[str, Any], ...], rule_params: tuple[tuple[str, Any], ...]
+) -> dict[str, Any]:
+    """merge_lora keyword arguments from a module's resolved parameters (lambda -> lam)."""
+    kw: dict[str, Any] = {("lam" if k == "lambda" else k): v for k, v in params}
+    if "base_rule" in kw:
+        kw["rule_params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in rule_params}
+    return kw
+
+
+class LoadFactors(Task[tuple]):
+    """(A, B, scaling) of one adapter's module, in the base weight layout (ΔW = s·B·A)."""
+
+    adapter_path: str
+    module: str
+    dtype: str | None = None
+
+    def arguments(self) -> dict[str, Task]:
+        return {}
+
+    def execute(self) -> tuple:
+        a, b, s = load_factors(
+            adapter_info(self.adapter_path), self.module, dtype=math_dtype(self.dtype)
+        )
+        return (a, b, float(s))
+
+    def group_label(self) -> str | None:
+        return self.module
+
+    def priority(self) -> int:
+        return -1000
+
+
+class MergeModule(Task[tuple]):
+    """engine.merge_lora on the math device -> (A, B, requested_rank); ΔW = B A, scaling 1."""
+
+    module: str
+    factors: tuple[LoadFactors, ...]
+    method: str
+    params: tuple[tuple[str, Any], ...]
+    rule_params: tuple[tuple[str, Any], ...]
+    seed: int
+    dtype: str | None = None
+
+    def arguments(self) -> dict[str, Task]:
+        return {f"f{i}": f for i, f in enumerate(self.factors)}
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def group_label(self) -> str | None:
+        return self.module
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return engine_kwargs(self.params, self.rule_params)
+
+    def execute(self, **kwargs: tuple) -> tuple:
+        from mergekit_ctm.engine import merge_lora
+
+        loaded = [kwargs[f"f{i}"] for i in range(len(self.factors))]
+        out = merge_lora(
+            [f[0] for f in loaded],
+            [f[1] for f in loaded],
+            [f[2] for f in loaded],
+            method=self.method,
+            seed=self.seed,
+            dtype=math_dtype(self.dtype),
+            **self.engine_kwargs(),
+        )
+        return (out.A, out.B, int(out.requested_rank))
+
+
+class PeftFactor(Task[torch.Tensor]):
+    """lora_A or lora_B in PEFT's storage layout (Conv1D / Embedding store transposes)."""
+
+    merge: MergeModule
+    which: str  # "A" | "B"
+    transposed: bool
+
+    def arguments(self) -> dict[str, Task]:
+        return {"merged": self.merge}
+
+    def group_label(self) -> str | None:
+        return self.merge.module
+
+    def execute(self, merged: tuple) -> torch.Tensor:
+        a, b = merged[0], merged[1]
+        if self.transposed:
+            a, b = b.T, a.T
+        return (a if self.which == "A" else b).contiguous()
+
+
+class ModuleRank(Task[tuple]):
+    """(module, directions produced, requested rank): feeds the adapter config."""
+
+    merge: MergeModule
+
+    def arguments(self) -> dict[str, Task]:
+        return {"merged": self.merge}
+
+    def group_label(self) -> str | None:
+        return self.merge.module
+
+    def execute(self, merged: tuple) -> tuple:
+        return (self.merge.module, int(merged[0].shape[0]), int(merged[2]))
+
+
+class ApplyDelta(Task[torch.Tensor]):
+    """W + B A for output: model, computed in the math dtype, in the base weight's layout."""
+
+    base: LoadTensor
+    merge: MergeModule
+    dtype: str | None = None
+
+    def arguments(self) -> dict[str, Task]:
+        return {"weight": self.base, "merged": self.merge}
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def group_label(self) -> str | None:
+        return self.merge.module
+
+    def execute(self, weight: torch.Tensor, merged: tuple) -> torch.Tensor:
+        dt = math_dtype(self.dtype)
+        a, b = merged[0].to(weight.device, dt), merged[1].to(weight.device, dt)
+        return (weight.to(dt) + b @ a).to(weight.dtype)
+
+
+class LoadDense(Task[torch.Tensor]):
+    """A modules_to_save / bias tensor saved in an adapter."""
+
+    adapter_path: str
+    key: str
+    dtype: str | None = None
+
+    def arguments(self) -> dict[str, Task]:
+        return {}
+
+    def execute(self) -> torch.Tensor:
+        return load_full_tensor(
+            adapter_info(self.adapter_path), self.key, dtype=math_dtype(self.dtype)
+        )
+
+    def group_label(self) -> str | None:
+        return self.key
+
+    def priority(self) -> int:
+        return -1000
+
+
+class MergeDense(Task[torch.Tensor]):
+    """Merge full tensors with the rule: base + rule(x_t − base), or rule(x_t) without a base.
+
+    One source passes through unchanged.
+    """
+
+    key: str
+    sources: tuple[LoadDense, ...]
+    base: LoadTensor | None = None
+    rule: str
+    rule_params: tuple[tuple[str, Any], ...]
+    seed: int
+
+    def arguments(self) -> dict[str, Task]:
+        args: dict[str, Task] = {f"x{i}": s for i, s in enumerate(self.sources)}
+        if self.base is not None:
+            args["base"] = self.base
+        return args
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def group_label(self) -> str | None:
+        return self.key
+
+    def execute(self, base: torch.Tensor | None = None, **kwargs: torch.Tensor) -> torch.Tensor:
+        from mergekit_ctm.engine.rules import merge_matrices
+
+        xs = [kwargs[f"x{i}"] for i in range(len(self.sources))]
+        if len(xs) == 1:
+            return xs[0]
+        ref = base.to(xs[0].dtype) if base is not None else torch.zeros_like(xs[0])
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rule_params}
+        merged = merge_matrices([x - ref for x in xs], self.rule, params, seed=self.seed)
+        return ref + merged
+
+
+class FinalizeAdapter(Task[dict]):
+    """Close the writer, then write adapter_config.json from the ranks actually produced."""
+
+    writer_task: TensorWriterTask
+    save_tasks: tuple[Task, ...]
+    rank_tasks: tuple[ModuleRank, ...]
+    adapter_paths: tuple[str, ...]
+    rank: int | None
+    base_model: str | None
+    out_path: str
+
+    def arguments(self) -> dict[str, Task]:
+        args: dict[str, Task] = {"writer": self.writer_task}
+        args.update({f"_save_{i}": t for i, t in enumerate(self.save_tasks)})
+        args.update({f"rank_{i}": t for i, t in enumerate(self.rank_tasks)})
+        return args
+
+    def main_thread_only(self) -> bool:
+        return True
+
+    def execute(self, writer: Any, **kwargs: Any) -> dict:
+        import json
+        import os
+
+        from mergekit_ctm.adapters import build_adapter_config
+
+        writer.finalize()
+        consolidate_shards(self.out_path, "adapter_model")
+        produced = [kwargs[f"rank_{i}"] for i in range(len(self.rank_tasks))]
+        ranks = {m: k for m, k, _ in produced if k > 0}
+        requested = {m: r for m, _, r in produced}
+        r = self.rank if self.rank is not None else max(ranks.values())
+        config = build_adapter_config(
+            ranks,
+            rank=r,
+            inputs=[adapter_info(p) for p in self.adapter_paths],
+            base_model_name_or_path=self.base_model,
+        )
+        with open(os.path.join(self.out_path, "adapter_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        return {"ranks": ranks, "requested": requested, "config": config}
+
+
+def consolidate_shards(out_path: str, basename: str, chunk: int = 1 << 24) -> None:
+    """Join ``basename-0000k-of-0000n.safetensors`` into one ``basename.safetensors``.
+
+    PEFT loads single-file adapters only, while the writer flushes bounded shards so memory
+    does not grow with the number of modules. Bytes are copied in ``chunk``-sized pieces.
+    """
+    import json
+    import os
+    import struct
+
+    index_path = os.path.join(out_path, f"{basename}.safetensors.index.json")
+    if not os.path.exists(index_path):
+        return
+    with open(index_path, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    entries = []  # (name, meta, shard path, absolute start, length)
+    for shard in shards:
+        path = os.path.join(out_path, shard)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = meta["data_offsets"]
+            entries.append((name, meta, path, 8 + n + begin, end - begin))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, meta, _, _, length in entries:
+        header[name] = {
+            "dtype": meta["dtype"],
+            "shape": meta["shape"],
+            "data_offsets": [offset, offset + length],
+        }
+        offset += length
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    target = os.path.join(out_path, f"{basename}.safetensors")
+    with open(target, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        for _, _, path, start, length in entries:
+            with open(path, "rb") as src:
+                src.seek(start)
+                while length > 0:
+                    data = src.read(min(chunk, length))
+                    out.write(data)
+                    length -= len(data)
+    for shard in shards:
+        os.remove(os.path.join(out_path, shard))
+    os.remove(index_path)
+
+
+def cast_name(dtype: str | None) -> torch.dtype | None:
+    return dtype_from_name(dtype) if dtype else None

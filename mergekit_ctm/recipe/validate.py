@@ -1,0 +1,471 @@
+"""Validate a whole recipe and every adapter before any tensor is read; build the merge plan.
+
+Parameters are resolved per module exactly as mergekit resolves them per tensor
+(``mergekit.parameter_resolver.resolve_parameter`` over the sources adapter > recipe, with
+``filter:`` conditions matched against the base weight name and gradients evaluated at
+t = layer / (num_layers − 1), t = 1 for a single layer, t = 0 outside the layer stack, as in
+mergekit's ``MergePlanner``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+from mergekit.parameter_resolver import resolve_parameter
+
+from mergekit_ctm.adapters.errors import AdapterError
+from mergekit_ctm.adapters.peft_lora import AdapterInfo, read_adapter
+from mergekit_ctm.engine import rules as rules_mod
+from mergekit_ctm.engine.rules import RuleError, rule_names
+from mergekit_ctm.plan import specs
+from mergekit_ctm.recipe.model import Recipe, RecipeError, parse_recipe, suggest
+
+_LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One LoRA target module: which adapters have it and the resolved parameters."""
+
+    name: str
+    kind: str
+    n_out: int
+    m_in: int
+    fan_in_fan_out: bool
+    adapters: tuple[int, ...]
+    ranks: tuple[int, ...]
+    params: tuple[tuple[str, Any], ...]  # the method's own, resolved (rank, beta, lambda, ...)
+    rule_params: tuple[tuple[str, Any], ...]  # base-rule parameters; per-adapter ones as tuples
+    seed: int
+    t: float
+    key_A: str  # PEFT tensor names of the output
+    key_B: str
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight"
+
+    def param(self, name: str, default: Any = None) -> Any:
+        return dict(self.params).get(name, default)
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """A modules_to_save / bias tensor saved by some adapters, merged with the dense rule."""
+
+    key: str
+    weight_name: str
+    role: str
+    shape: tuple[int, ...]
+    sources: tuple[tuple[int, str], ...]  # (adapter index, key in that adapter)
+    rule: str
+    rule_params: tuple[tuple[str, Any], ...]
+    seed: int
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    recipe_text: str
+    method: str
+    base_rule: str | None
+    adapters: tuple[AdapterInfo, ...]
+    base_model: str | None
+    num_layers: int
+    modules: tuple[ModulePlan, ...]
+    dense: tuple[DensePlan, ...]
+    random_seed: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return self.recipe.output
+
+    @property
+    def dtype(self) -> str:
+        return self.recipe.dtype or "float32"
+
+    @property
+    def out_dtype(self) -> str:
+        return self.recipe.out_dtype or self.dtype
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def module_seed(random_seed: int | None, name: str) -> int:
+    """Per-module seed: CRC-32 of (random_seed, module name), stable across runs and orders."""
+    return zlib.crc32(f"{0 if random_seed is None else int(random_seed)}:{name}".encode())
+
+
+def layer_t(name: str, num_layers: int) -> float:
+    """mergekit's gradient position: layer / (num_layers − 1); 1 for one layer; 0 outside."""
+    m = _LAYER_RE.search(name)
+    if m is None:
+        return 0.0
+    if num_layers <= 1:
+        return 1.0
+    return min(1.0, int(m.group(1)) / (num_layers - 1))
+
+
+def _num_layers(base_model: str | None, module_names: Sequence[str]) -> int:
+    if base_model and os.path.isfile(os.path.join(base_model, "config.json")):
+        with open(os.path.join(base_model, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    idx = [int(m.group(1)) for n in module_names if (m := _LAYER_RE.search(n))]
+    return max(idx) + 1 if idx else 1
+
+
+def _where(model: int | None, adapters: Sequence[Any]) -> str:
+    return "parameters" if model is None else f"models[{model}] ({adapters[model]}).parameters"
+
+
+def _check_parameter_names(recipe: Recipe, method: str, rule: str | None) -> None:
+    own = {p.name: p for p in specs.OWN_PARAMETERS[method]}
+    rule_specs = {p.name: p for p in (specs.rule_specs(rule) if rule else ())}
+    per_input = {n for n, p in rule_specs.items() if p.scope != ParameterScope.SHARED}
+    errors = []
+
+    def unknown(name: str, where: str, valid: Sequence[str]) -> str:
+        msg = f"{where}: unknown parameter {name!r} for merge_method {method}"
+        if rule:
+            msg += f" with base_rule {rule}"
+        msg += suggest(name, valid)
+        if rule and name not in valid and (others := specs.rules_taking(name)):
+            msg += f"; base rules that take {name!r}: {', '.join(others)}"
+        elif not specs.takes_base_rule(method) and name in _all_rule_parameter_names():
+            msg += f"; {method} has no base_rule, so rule parameters do not apply"
+        return msg + f". Valid here: {', '.join(valid) or '(none)'}"
+
+    for name in recipe.parameters or {}:
+        if name not in own and name not in rule_specs:
+            errors.append(unknown(name, "parameters", [*own, *rule_specs]))
+    for i, entry in enumerate(recipe.models):
+        where = f"models[{i}] ({entry.model}).parameters"
+        names = list(entry.parameters or {})
+        if names and not per_input:
+            what = f"base_rule {rule}" if rule else f"merge_method {method}"
+            errors.append(
+                f"{where}: {what} takes no per-adapter parameters (got "
+                f"{', '.join(map(repr, names))}); remove the adapter's `parameters:`"
+                + (
+                    f" or pick a base_rule that has them (e.g. "
+                    f"{', '.join(specs.rules_taking('weight')[:3])})"
+                    if specs.takes_base_rule(method)
+                    else ""
+                )
+            )
+            continue
+        for name in names:
+            if name in per_input:
+                continue
+            if name in own or name in rule_specs:
+                errors.append(
+                    f"{where}: {name!r} is a recipe-wide parameter, not a per-adapter one; move "
+                    "it to the top-level `parameters:`"
+                )
+            else:
+                errors.append(unknown(name, where, sorted(per_input)))
+    if errors:
+        raise RecipeError("invalid recipe parameters:\n  " + "\n  ".join(errors))
+
+
+def _all_rule_parameter_names() -> set[str]:
+    return {p.name for r in rule_names() for p in specs.rule_specs(r)}
+
+
+def _base_rule(recipe: Recipe, method: str) -> str | None:
+    if not specs.takes_base_rule(method):
+        return None
+    value = (recipe.parameters or {}).get("base_rule", specs.DEFAULT_BASE_RULE)
+    if not isinstance(value, str):
+        raise RecipeError(
+            f"parameters.base_rule must be a single rule name for the whole recipe, got {value!r}"
+        )
+    valid = rule_names()
+    if value not in valid:
+        raise RecipeError(
+            f"parameters.base_rule: unknown rule {value!r}{suggest(value, valid)}. "
+            f"Valid rules: {', '.join(valid)}"
+        )
+    return value
+
+
+def _read_adapters(recipe: Recipe, cache_dir: str | None) -> tuple[AdapterInfo, ...]:
+    infos, errors = [], []
+    for i, entry in enumerate(recipe.models):
+        try:
+            infos.append(read_adapter(entry.model, cache_dir=cache_dir))
+        except AdapterError as exc:
+            errors.append(f"models[{i}]: {exc}")
+    if errors:
+        raise RecipeError("cannot read adapter(s):\n  " + "\n  ".join(errors))
+    return tuple(infos)
+
+
+def _base_model(recipe: Recipe, adapters: Sequence[AdapterInfo]) -> str | None:
+    if recipe.base_model:
+        return recipe.base_model
+    named = {a.base_ref for a in adapters if a.base_ref} or {
+        a.base_model_name_or_path for a in adapters if a.base_model_name_or_path
+    }
+    if len(named) > 1:
+        raise RecipeError(
+            f"the adapters name different base models ({', '.join(sorted(named))}); set "
+            "`base_model:` in the recipe to the one they were all trained on"
+        )
+    return next(iter(named), None)
+
+
+def _base_shapes(base_model: str) -> dict[str, tuple[int, ...]] | None:
+    """Base tensor shapes from safetensors headers of a local base model (None if not local)."""
+    if not os.path.isdir(base_model):
+        return None
+    from mergekit.io import ShardedTensorIndex
+
+    from mergekit_ctm.adapters.peft_lora import read_safetensors_header
+
+    try:
+        index = ShardedTensorIndex.from_disk(base_model)
+    except Exception:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in {os.path.join(base_model, p) for p in index.tensor_paths.values()}:
+        if shard.endswith(".safetensors"):
+            for k, meta in read_safetensors_header(shard, what="base model: ").items():
+                shapes[k] = tuple(meta["shape"])
+    return shapes or None
+
+
+def _resolve(
+    p: ParameterSpec,
+    sources: Sequence[Mapping[str, Any] | None],
+    tensor_name: str,
+    t: float,
+    where: str,
+) -> Any:
+    try:
+        return resolve_parameter(p, sources, tensor_name=tensor_name, t=t)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        raise RecipeError(
+            f"{where}: parameter {p.name!r} for module {tensor_name}: {err.get('msg')} "
+            f"(got {err.get('input')!r})"
+        ) from None
+    except RuntimeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+
+
+def _rule_values(
+    rule_spec: Sequence[ParameterSpec],
+    recipe: Recipe,
+    adapters: Sequence[int],
+    tensor_name: str,
+    t: float,
+    labels: Sequence[str],
+) -> dict[str, Any]:
+    top = recipe.parameters
+    out: dict[str, Any] = {}
+    for p in rule_spec:
+        if p.scope == ParameterScope.SHARED:
+            out[p.name] = _resolve(p, (top,), tensor_name, t, "parameters")
+        else:
+            out[p.name] = tuple(
+                _resolve(
+                    p,
+                    (recipe.models[i].parameters, top),
+                    tensor_name,
+                    t,
+                    f"models[{i}] ({labels[i]})",
+                )
+                for i in adapters
+            )
+    return out
+
+
+def _check_rule(
+    rule: str, values: dict[str, Any], idx: Sequence[int], labels: Sequence[str], module: str
+) -> None:
+    """The rule's own range checks; a per-adapter failure names models[i]."""
+    bind = getattr(rules_mod, "check_rule_params", None) or getattr(rules_mod, "_bind", None)
+    if bind is None:
+        return
+    as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    try:
+        bind(rule, as_lists, len(idx))
+        return
+    except RuleError as exc:
+        whole = exc
+    for j, i in enumerate(idx):
+        one = {k: [v[j]] if isinstance(v, list) else v for k, v in as_lists.items()}
+        try:
+            bind(rule, one, 1)
+        except RuleError as exc:
+            msg = str(exc).replace(" (adapter 0)", "")
+            raise RecipeError(f"models[{i}] ({labels[i]}), module {module}: {msg}") from None
+    raise RecipeError(f"module {module}: {whole}") from None
+
+
+def build_plan(
+    source: str | dict[str, Any] | Recipe,
+    *,
+    random_seed: int | None = None,
+    cache_dir: str | None = None,
+) -> MergePlan:
+    """Validate the recipe and every adapter (headers only) and resolve parameters per module."""
+    if isinstance(source, Recipe):
+        recipe, text = source, source.model_dump_json()
+    else:
+        recipe = parse_recipe(source)
+        text = source if isinstance(source, str) else json.dumps(source)
+    method = recipe.merge_method
+    if method not in specs.METHOD_NAMES:
+        raise RecipeError(
+            f"merge_method: {method!r} is not an adapter-merging method"
+            f"{suggest(method, specs.METHOD_NAMES)}; "
+            f"valid: {', '.join(specs.METHOD_NAMES)}"
+        )
+    rule = _base_rule(recipe, method)
+    _check_parameter_names(recipe, method, rule)
+    adapters = _read_adapters(recipe, cache_dir)
+    labels = [a.ref for a in adapters]
+    base_model = _base_model(recipe, adapters)
+    if recipe.output == "model" and not (base_model and os.path.isdir(base_model)):
+        raise RecipeError(
+            f"output: model needs the base model as a local directory; base_model is "
+            f"{base_model!r}. Set `base_model:` to a local copy of the base model."
+        )
+    if base_model and (shapes := _base_shapes(base_model)) is not None:
+        from mergekit_ctm.adapters.peft_lora import check_against_base
+
+        for i, info in enumerate(adapters):
+            try:
+                check_against_base(info, shapes)
+            except AdapterError as exc:
+                raise RecipeError(f"models[{i}]: {exc}") from None
+
+    # Union of target modules, in natural order of first appearance.
+    owners: dict[str, list[int]] = {}
+    for i, info in enumerate(adapters):
+        for name in info.modules:
+            owners.setdefault(name, []).append(i)
+    num_layers = _num_layers(base_model, list(owners))
+    own_specs = specs.OWN_PARAMETERS[method]
+    rule_spec = specs.rule_specs(rule) if rule else ()
+
+    modules = []
+    for name, idx in owners.items():
+        first = adapters[idx[0]].modules[name]
+        for i in idx[1:]:
+            other = adapters[i].modules[name]
+            if (other.kind, other.n_out, other.m_in) != (first.kind, first.n_out, first.m_in):
+                raise RecipeError(
+                    f"module {name!r}: adapter {labels[idx[0]]!r} gives a {first.kind} ΔW of shape "
+                    f"{(first.n_out, first.m_in)} but adapter {labels[i]!r} gives {other.kind} "
+                    f"{(other.n_out, other.m_in)}; the adapters must share one base model"
+                )
+        tensor_name = first.weight_name
+        t = layer_t(name, num_layers)
+        own = {
+            p.name: _resolve(p, (recipe.parameters,), tensor_name, t, "parameters")
+            for p in own_specs
+        }
+        rvals = _rule_values(rule_spec, recipe, idx, tensor_name, t, labels)
+        if rule:
+            _check_rule(rule, rvals, idx, labels, name)
+        modules.append(
+            ModulePlan(
+                name=name,
+                kind=first.kind,
+                n_out=first.n_out,
+                m_in=first.m_in,
+                fan_in_fan_out=first.fan_in_fan_out,
+                adapters=tuple(idx),
+                ranks=tuple(adapters[i].modules[name].r for i in idx),
+                params=tuple((k, _freeze(v)) for k, v in own.items()),
+                rule_params=tuple((k, _freeze(v)) for k, v in rvals.items()),
+                seed=module_seed(random_seed, name),
+                t=t,
+                key_A=first.key_A,
+                key_B=first.key_B,
+            )
+        )
+
+    dense = _dense_plans(recipe, adapters, labels, method, rule, num_layers, random_seed)
+    return MergePlan(
+        recipe=recipe,
+        recipe_text=text,
+        method=method,
+        base_rule=rule,
+        adapters=adapters,
+        base_model=base_model,
+        num_layers=num_layers,
+        modules=tuple(modules),
+        dense=dense,
+        random_seed=random_seed,
+    )
+
+
+def dense_rule(method: str, rule: str | None) -> str:
+    """Rule for modules_to_save / bias tensors: the base rule, or a plain average without one."""
+    return rule if rule is not None else "linear"
+
+
+def _dense_plans(
+    recipe: Recipe,
+    adapters: Sequence[AdapterInfo],
+    labels: Sequence[str],
+    method: str,
+    rule: str | None,
+    num_layers: int,
+    random_seed: int | None,
+) -> tuple[DensePlan, ...]:
+    by_name: dict[str, list[tuple[int, Any]]] = {}
+    for i, info in enumerate(adapters):
+        for ft in info.full_tensors.values():
+            if ft.role in ("modules_to_save", "bias"):
+                by_name.setdefault(ft.weight_name, []).append((i, ft))
+    out = []
+    drule = dense_rule(method, rule)
+    rule_spec = specs.rule_specs(drule)
+    for weight_name, items in by_name.items():
+        first = items[0][1]
+        for i, ft in items[1:]:
+            if ft.shape != first.shape:
+                raise RecipeError(
+                    f"tensor {weight_name!r}: adapter {labels[items[0][0]]!r} saves shape "
+                    f"{first.shape} but adapter {labels[i]!r} saves {ft.shape}"
+                )
+        idx = tuple(i for i, _ in items)
+        t = layer_t(weight_name, num_layers)
+        # Per-adapter values of the base rule apply to dense tensors too (weight, density, ...).
+        rvals = (
+            _rule_values(rule_spec, recipe, idx, weight_name, t, labels) if drule == rule else {}
+        )
+        out.append(
+            DensePlan(
+                key=first.key,
+                weight_name=weight_name,
+                role=first.role,
+                shape=first.shape,
+                sources=tuple((i, ft.key) for i, ft in items),
+                rule=drule,
+                rule_params=tuple((k, _freeze(v)) for k, v in rvals.items()),
+                seed=module_seed(random_seed, weight_name),
+            )
+        )
+    return tuple(out)
