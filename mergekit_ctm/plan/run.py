@@ -239,8 +239,8 @@ def model_card(plan: MergePlan, name: str, ranks: dict[str, int] | None = None) 
         f"# {name}",
         "",
         f"This {what} was merged from {len(plan.adapters)} LoRA adapters with "
-        f"[mergekit-ctm](https://github.com/arcee-ai/mergekit) using the `{plan.method}` "
-        f"method{rule}.",
+        "mergekit-ctm (a [mergekit](https://github.com/arcee-ai/mergekit) plugin) using the "
+        f"`{plan.method}` method{rule}.",
         "",
         "## Inputs",
         "",
