@@ -53,7 +53,8 @@ def gram_basis(F: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor
     Gram matrix resolves σ only down to ~√eps₆₄·σ_max ≈ 1.5e-8·σ_max, so directions below 1e-7
     are treated as zero; they change any ΔWₜ by less than that, relative to the largest.
     """
-    G = F.to(F64).mT @ F.to(F64)
+    Fd = F.to(F64)
+    G = Fd.mT @ Fd
     with tiny_cpu_ops(G.device):
         evals, evecs = torch.linalg.eigh(G)
     evals, evecs = evals.flip(-1), evecs.flip(-1)
