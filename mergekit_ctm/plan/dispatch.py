@@ -8,6 +8,7 @@ original stays reachable as ``run_merge.__mergekit_ctm_original__``.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any
 
@@ -30,11 +31,21 @@ def wrap_run_merge(module: Any) -> None:
     @functools.wraps(original)
     def run_merge(merge_config, out_path, options, config_source=None):
         if is_adapter_recipe(merge_config):
+            from mergekit_ctm.adapters import AdapterError
+            from mergekit_ctm.engine.rules import RuleError
             from mergekit_ctm.plan.run import run_adapter_merge
+            from mergekit_ctm.recipe import RecipeError
 
-            return run_adapter_merge(
-                merge_config, out_path, options=options, config_source=config_source
-            )
+            try:
+                return run_adapter_merge(
+                    merge_config, out_path, options=options, config_source=config_source
+                )
+            except (RecipeError, AdapterError, RuleError) as exc:
+                if os.path.basename(sys.argv[0]) != "mergekit-yaml":
+                    raise
+                # A bad recipe or adapter is the user's to fix: say what, not a traceback.
+                print(f"mergekit-yaml: error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
         return original(merge_config, out_path, options, config_source=config_source)
 
     setattr(run_merge, _MARK, original)
