@@ -1,0 +1,150 @@
+"""Smoke version of the merge-quality benchmark (bench/quality): 2 tasks, tiny model, seconds.
+
+Runs the same code path as the full benchmark: bundled scikit-learn data, a self-pretrained
+LlamaForCausalLM, real PEFT LoRAs, recipes merged through mergekit's run_merge (the plugin's
+dispatch), the λ search on validation and the test evaluation with each task's own head.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.quality import merge as mg  # noqa: E402
+from bench.quality.evaluate import Evaluator, energy_retention, read_deltas  # noqa: E402
+from bench.quality.search import MethodRunner, mean_norm  # noqa: E402
+from bench.quality.suite import build, smoke_config  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    cfg = smoke_config()
+    root = tmp_path_factory.mktemp("quality")
+    suite = build(cfg, cache_root=root / "cache", log=lambda *_: None)
+    ev = Evaluator(suite)
+    lora_val = {t: ev.accuracies(suite.adapter_dir(0, t), "val")[0][t] for t in ev.names}
+    lora_test = {t: ev.accuracies(suite.adapter_dir(0, t), "test")[0][t] for t in ev.names}
+    return suite, ev, lora_val, lora_test, root
+
+
+def _runner(smoke, backend="inprocess", final="inprocess"):
+    suite, ev, lora_val, lora_test, root = smoke
+    return MethodRunner(
+        ev,
+        0,
+        root / "work",
+        search_backend=backend,
+        final_backend=final,
+        lora_val=lora_val,
+        lora_test=lora_test,
+        hooi_iters=50,
+        log=lambda *_: None,
+    )
+
+
+def test_suite_is_real_and_learns(smoke):
+    suite, ev, lora_val, lora_test, _ = smoke
+    assert list(suite.tasks) == ["digits", "invert"]
+    # 10-way tasks: chance is 0.1; the LoRAs and even the linear probes must be far above it
+    base = ev.model_accuracies(ev.fresh_base(), "test")
+    for t in ev.names:
+        assert lora_test[t] > 0.3, (t, lora_test[t])
+        assert base[t] > 0.2, (t, base[t])
+    # a LoRA changes its own task's predictions (the adapter is not a no-op)
+    assert any(abs(lora_test[t] - base[t]) > 0.01 for t in ev.names)
+    # the cache is reused: building again trains nothing
+    again = build(suite.cfg, cache_root=suite.root.parent, log=lambda *_: None)
+    assert again.root == suite.root
+
+
+def test_ctm_ties_search_and_lambda_folding(smoke):
+    suite, ev, lora_val, lora_test, _ = smoke
+    m = mg.method_by_key("ctm/ties")
+    res = _runner(smoke).run(m, rank=4, grid=[{"beta": 0.5, "density": 0.7}])
+    assert not res.error, res.error
+    # λ searched by scaling the λ=1 adapter == λ folded into the recipe (lambda applied once)
+    assert res.val_at_final == pytest.approx(res.val_norm, abs=1e-9)
+    assert 0.6 < res.test_avg < 1.4, res.test_avg
+    # the search picked the best validation score among everything it tried
+    assert res.val_norm == max(tr["val"] for tr in res.trace)
+    # merging with λ = 0 gives the base model exactly
+    model = ev.load(res.adapter_dir)
+    zero = ev.peft_accuracies(model, "test", [0.0])[0]
+    assert zero == ev.model_accuracies(ev.fresh_base(), "test")
+
+
+def test_mtc_and_peft_baselines_run(smoke):
+    suite, ev, *_ = smoke
+    r = _runner(smoke)
+    mtc = r.run(mg.method_by_key("mtc-full/ties"), rank=4, grid=[{"density": 0.7}])
+    peft_svd = r.run(mg.method_by_key("peft/svd"), rank=4)
+    for res in (mtc, peft_svd):
+        assert not res.error, res.error
+        assert np.isfinite(res.test_avg) and res.test_avg > 0.5
+
+
+def test_non_scaling_lambda_is_searched_by_remerging(smoke):
+    """Iso-C under MtC: λ is searched by one merge per λ, so the final adapter reproduces it."""
+    m = mg.method_by_key("mtc-full/iso_c")
+    assert not m.lambda_is_scale and mg.method_by_key("ctm/iso_c").lambda_is_scale
+    res = _runner(smoke).run(m, rank=4)
+    assert not res.error, res.error
+    assert res.val_at_final == pytest.approx(res.val_norm, abs=1e-9)
+
+
+def _rho_reference(merged: dict, tasks: dict) -> dict[str, float]:
+    """ρ̄(t) from Appendix D.1, written out in float64 numpy."""
+    out = {t: [] for t in tasks}
+    for mod, dw in merged.items():
+        w = dw.numpy().astype(np.float64)
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        k = int((s > 1e-9 * s[0]).sum())
+        U, V = u[:, :k], vt[:k].T
+        for t, d in tasks.items():
+            x = d[mod].numpy().astype(np.float64)
+            out[t].append(np.linalg.norm(U @ U.T @ x @ V @ V.T) / np.linalg.norm(x))
+    return {t: float(np.mean(v)) for t, v in out.items()}
+
+
+def test_energy_retention(smoke):
+    suite, ev, *_ = smoke
+    r = _runner(smoke)
+    tasks = {t: read_deltas(suite.adapter_dir(0, t)) for t in ev.names}
+    lossless = r.run(mg.method_by_key("core_space-lossless/task_arithmetic"), rank=4)
+    ctm = r.run(mg.method_by_key("ctm/task_arithmetic"), rank=2, grid=[{"beta": 0.0}])
+    rho_l = energy_retention(read_deltas(lossless.adapter_dir), tasks)
+    rho_c = energy_retention(read_deltas(ctm.adapter_dir), tasks)
+    # the lossless merge spans every task update: nothing is lost
+    for t in ev.names:
+        assert rho_l[t] == pytest.approx(1.0, abs=1e-6)
+    # rank 2 of two rank-4 LoRAs cannot keep everything
+    assert all(0.0 < v < 0.999 for v in rho_c.values()), rho_c
+    ref = _rho_reference(read_deltas(ctm.adapter_dir), tasks)
+    for t in ev.names:
+        assert rho_c[t] == pytest.approx(ref[t], rel=1e-9)
+
+
+def test_normalized_accuracy():
+    assert mean_norm({"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9}) == pytest.approx(0.75)
+
+
+@pytest.mark.slow
+def test_final_adapter_through_mergekit_yaml(smoke):
+    """The report's path: the selected recipe re-merged by the stock ``mergekit-yaml`` CLI."""
+    suite, ev, *_ = smoke
+    res = _runner(smoke, final="mergekit-yaml").run(
+        mg.method_by_key("ctm/ties"), rank=4, grid=[{"beta": 0.5, "density": 0.7}]
+    )
+    assert not res.error, res.error
+    assert (Path(res.adapter_dir) / "adapter_config.json").exists()
+    assert res.val_at_final == pytest.approx(res.val_norm, abs=1e-9)
