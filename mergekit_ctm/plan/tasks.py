@@ -13,6 +13,7 @@ factors are freed once saved: memory does not grow with the number of layers.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -24,10 +25,25 @@ from mergekit.io.tasks import LoadTensor, TensorWriterTask
 from mergekit_ctm.adapters import AdapterInfo, load_factors, load_full_tensor, read_adapter
 
 
+def _stamp(path: str) -> tuple:
+    """(name, mtime, size) of the adapter's files: a rewritten adapter is read again."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+        return tuple((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries)
+    except OSError:
+        return ()
+
+
 @lru_cache(maxsize=256)
-def adapter_info(path: str) -> AdapterInfo:
-    """AdapterInfo of a resolved local adapter directory (headers only, cached)."""
+def _adapter_info(path: str, stamp: tuple) -> AdapterInfo:
     return read_adapter(path)
+
+
+def adapter_info(path: str) -> AdapterInfo:
+    """AdapterInfo of a resolved local adapter directory (headers only), cached per process
+    and keyed by the files' mtimes and sizes, so long-lived Python sessions never see stale
+    headers of an adapter rewritten in place."""
+    return _adapter_info(path, _stamp(path))
 
 
 def math_dtype(name: str | None) -> torch.dtype:
