@@ -88,17 +88,26 @@ def _isotropic(u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------- Iso-C
 
 
-def iso_c(tensors: Sequence[Tensor], *, weight: Sequence[float], lam: float = 1.0) -> Tensor:
+def iso_c(
+    tensors: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    lam: float = 1.0,
+    rank: int | None = None,
+) -> Tensor:
     """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind"; github.com/danielm1405/iso-merging).
 
     Δ = Σ_t w_t Δ_t = U diag(σ) Vᵀ;  Iso-C(Δ) = λ · mean(σ) · U Vᵀ.
 
-    Assumption: mean and directions over the numerically nonzero σ only (module docstring). The
-    CtM paper (002, C.2) applies Iso-C after a rank-r truncation of the TA sum, i.e. exactly this
-    on a rank-r input; truncation itself is the pipeline's job.
+    Assumption: mean and directions over the numerically nonzero σ only (module docstring).
+    ``rank`` (set by the pipelines when they truncate): keep the top-``rank`` σ of the sum before
+    flattening, as the CtM paper (002, C.2) does for MtC Iso-C; a flat spectrum cannot be
+    truncated afterwards without choosing an arbitrary subspace.
     """
     x = _stack(tensors, weight).sum(0)
     u, s, vh = _svd(x)
+    if rank is not None:
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     out = s.mean() * (u @ vh) if s.numel() else torch.zeros_like(x)
     return (lam * out).to(tensors[0].dtype)
 

@@ -23,10 +23,17 @@ from mergekit_ctm.engine.tucker import tucker2, tucker2_batch
 from mergekit_ctm.engine.types import MergedLora
 
 
-def _rule(tensors: torch.Tensor, rule: str, params: Mapping[str, Any] | None, seed: int | None):
+def _rule(
+    tensors: torch.Tensor,
+    rule: str,
+    params: Mapping[str, Any] | None,
+    seed: int | None,
+    rank: int | None = None,
+):
+    """ℳ on T stacked matrices; ``rank``: the truncation that follows (flat-spectrum rules)."""
     from mergekit_ctm.engine.rules import merge_matrices
 
-    return merge_matrices(list(tensors.unbind(0)), rule, params, seed=seed)
+    return merge_matrices(list(tensors.unbind(0)), rule, params, seed=seed, rank=rank)
 
 
 def beta_weights(norms: torch.Tensor, beta: float) -> torch.Tensor:
@@ -157,7 +164,7 @@ def core_space(As, Bs, scalings, *, rank, base_rule, rule_params, lam, seed, dty
     cs = build_core_space(As, Bs, scalings, dtype)
     U_B, V_A = cs.canonicalize()
     M = cs.core_matrices()
-    merged = _rule(M, base_rule, rule_params, seed)
+    merged = _rule(M, base_rule, rule_params, seed, rank=rank)
     info = {"method": "core_space", "core_dims": tuple(M.shape[1:])}
     requested = rank if rank is not None else min(M.shape[1:])
     return _lift(U_B, merged, V_A, rank, lam, dtype, requested, info)
@@ -195,7 +202,7 @@ def mtc(As, Bs, scalings, *, rank, space, base_rule, rule_params, lam, seed, dty
         dW = torch.stack(
             [float(s) * (B.to(dtype) @ A.to(dtype)) for A, B, s in zip(As, Bs, scalings)]
         )
-        merged = lam * _rule(dW, base_rule, rule_params, seed).to(dtype)
+        merged = lam * _rule(dW, base_rule, rule_params, seed, rank=rank).to(dtype)
         U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
         tol = S[:1] * max(merged.shape) * torch.finfo(dtype).eps
         k = min(rank, int((S > tol).sum()))

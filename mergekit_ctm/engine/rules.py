@@ -79,6 +79,9 @@ __all__ = [
 ]
 
 
+FLAT_SPECTRUM_RULES = ("iso_c", "iso_cts")  # outputs with equal singular values
+
+
 class RuleError(ValueError):
     """Unknown rule, or a rule parameter that is unknown or invalid."""
 
@@ -320,17 +323,27 @@ def merge_matrices(
     params: Mapping[str, Any] | None = None,
     *,
     seed: int | None = None,
+    rank: int | None = None,
 ) -> torch.Tensor:
     """Merge T same-shape tensors with ``rule``; returns one tensor of the same shape and dtype.
 
     ``params``: mergekit-style names (see module docstring); ``seed``: per-module seed for random
-    rules (None = 0; deterministic rules ignore it). Raises RuleError for an unknown or rejected
-    rule, unknown or invalid parameters, or tensors that differ in shape, dtype or device.
+    rules (None = 0; deterministic rules ignore it). ``rank``: the rank the caller truncates the
+    result to, if any. Rules whose output has a flat spectrum (``FLAT_SPECTRUM_RULES``) choose
+    their directions by it, because truncating a flat spectrum afterwards picks an arbitrary
+    subspace: Iso-C whitens the top-``rank`` part of the sum (the CtM paper's MtC Iso-C) and
+    Iso-CTS caps its directions at ``rank`` unless ``cts_rank`` is set. Other rules ignore it.
+    Raises RuleError for an unknown or rejected rule, unknown or invalid parameters, or tensors
+    that differ in shape, dtype or device.
     """
     if rule in matrix_rules.MATRIX_RULE_NAMES:
         _check_tensors(tensors, rule, ndim=None if rule in _ANY_SHAPE_RULES else 2)
         bound = _bind(rule, params, len(tensors))
         bound["lam"] = bound.pop("lambda")
+        if rank is not None and rule == "iso_c":
+            bound["rank"] = rank
+        elif rank is not None and rule == "iso_cts" and bound.get("cts_rank") is None:
+            bound["cts_rank"] = rank
         fn: Callable[..., torch.Tensor] = matrix_rules.RULES[rule]
         return fn(list(tensors), **bound)
     _mergekit_method(rule)  # unknown / rejected rule before anything else
