@@ -70,7 +70,8 @@ def _ctm_prepare(As, Bs, scalings, beta: float, dtype):
     """Core space and β-reweighted targets M_target = cₜ Mₜ (Algorithm 1, steps 1–2)."""
     cs = build_core_space(As, Bs, scalings, dtype)
     Pp, Qp = cs.padded()
-    norms = torch.linalg.matrix_norm(Pp @ Qp.mT)  # ‖Mₜ‖_F = ‖ΔWₜ‖_F (Theorem 4.1)
+    # ‖Mₜ‖_F = ‖ΔWₜ‖_F (Theorem 4.1) = √tr(PₜᵀPₜ QₜᵀQₜ), without forming the R × R Mₜ
+    norms = ((Pp.mT @ Pp) * (Qp.mT @ Qp)).sum((-2, -1)).clamp_min(0).sqrt()
     return cs, Pp, Qp, beta_weights(norms, beta)
 
 
