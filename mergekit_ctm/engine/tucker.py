@@ -93,6 +93,17 @@ def _ritz_step(
     return U, f
 
 
+def _stacked_gram(Pp: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """Σₜ Pₜ Sₜ Pₜᵀ (b, N, N) as one GEMM of the stacked (N × T·k) factors.
+
+    The HOSVD mode-1 Gram Σₜ XₜXₜᵀ with Xₜ = PₜQₜᵀ and Sₜ = QₜᵀQₜ; never forms the T
+    separate N × N terms (30 GB at T = 256, N = 4096).
+    """
+    b, T, N, k = Pp.shape
+    left = (Pp @ S).permute(0, 2, 1, 3).reshape(b, N, T * k)
+    return left @ Pp.permute(0, 2, 1, 3).reshape(b, N, T * k).mT
+
+
 def _rotate_to_eigvecs(Pp: torch.Tensor, Qp: torch.Tensor, U: torch.Tensor, V: torch.Tensor):
     """Rotate U within span(U) to the eigenvectors of Uᵀ G_U(V) U (descending)."""
     Z = U.mT.unsqueeze(1) @ Pp @ (Qp.mT @ V.unsqueeze(1))  # (b, T, r, r) = Uᵀ Xₜ V
@@ -124,8 +135,8 @@ def _tucker2_batch(P, Q, rank: int, iters: int, tol: float) -> list[Tucker2Resul
     PtP = Pp.mT @ Pp  # (b, T, k, k)
     QtQ = Qp.mT @ Qp
     total = (PtP * QtQ).sum((1, 2, 3))  # Σₜ ‖Xₜ‖²_F = Σₜ tr(PₜᵀPₜ QₜᵀQₜ)
-    _, U = top_eigh((Pp @ QtQ @ Pp.mT).sum(1), r)
-    _, V = top_eigh((Qp @ PtP @ Qp.mT).sum(1), r)
+    _, U = top_eigh(_stacked_gram(Pp, QtQ), r)
+    _, V = top_eigh(_stacked_gram(Qp, PtP), r)
     safe = total.clamp_min(torch.finfo(F64).tiny)
 
     def rel_error(f: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
