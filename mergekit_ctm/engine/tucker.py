@@ -16,11 +16,11 @@ Pₜ = Xₜ, Qₜ = I.
   O(T³r³) of an SVD of the unfolding; near convergence one or two steps suffice. Since the old
   U lies in each search space, Ky Fan's maximum principle gives f(U_new, V) ≥ f(U_old, V): the
   objective is monotone. Steps repeat until U spans an invariant subspace (relative residual
-  1e-6: 1.3 steps per half-sweep on Llama-shaped modules), so the iteration is exact HOOI and
-  follows the path of an SVD-based solver (tensorly's ``partial_tucker``; chordal distance
-  ~2e-6 at convergence). A single Ritz step per half-sweep also converges, but on flat spectra
-  it can settle at a different stationary point (one direction apart, objective within 1e-4),
-  and so does a loose residual (1e-3).
+  0.1·√tol, 1e-6 at the default tol: 1.3–1.6 steps per half-sweep on Llama-shaped modules),
+  so the iteration is exact HOOI and follows the path of an SVD-based solver (tensorly's
+  ``partial_tucker``; chordal distance ~2e-6 at convergence). A single Ritz step per
+  half-sweep also converges, but on flat spectra it can settle at a different stationary point
+  (one direction apart, objective within 1e-4), and so does a loose residual (1e-3).
 * Stopping: like tensorly, on the change of the relative error e = ‖X − X̂‖/‖X‖ between
   sweeps, |e_{k−1} − e_k| < tol, or after ``iters`` sweeps (one sweep = one U and one V update).
 * The returned U, V are rotated inside their spans to the eigenvectors of G_U(V), G_V(U), so
@@ -38,7 +38,14 @@ import torch
 from mergekit_ctm.engine.linalg import F64, tiny_cpu_ops, top_eigh
 
 INNER_STEPS = 100  # cap on Rayleigh–Ritz steps per half-sweep (reached only with tiny gaps)
-INNER_RTOL = 1e-6  # relative residual at which U spans the top-r eigenspace of G_U
+INNER_RTOL = 1e-6  # default relative residual at which U spans the top-r eigenspace of G_U
+
+
+def inner_rtol(tol: float) -> float:
+    """Inner residual for an outer tolerance: a residual ε moves f by ~ε², so ε = 0.1·√tol
+    keeps the inner error below what the stopping test resolves (1e-6 at the default 1e-10),
+    clamped to [1e-9, 1e-4]."""
+    return min(max(0.1 * tol**0.5, 1e-9), 1e-4)
 
 
 @dataclass
@@ -131,6 +138,7 @@ def tucker2_batch(
 def _tucker2_batch(P, Q, rank: int, iters: int, tol: float) -> list[Tucker2Result]:
     Pp, Qp = P.to(F64), Q.to(F64)
     b = Pp.shape[0]
+    rtol = inner_rtol(tol)
     r = min(rank, Pp.shape[-2], Qp.shape[-2])
     PtP = Pp.mT @ Pp  # (b, T, k, k)
     QtQ = Qp.mT @ Qp
@@ -153,8 +161,8 @@ def _tucker2_batch(P, Q, rank: int, iters: int, tol: float) -> list[Tucker2Resul
             break
         idx = active.nonzero().flatten()
         Pa, Qa = Pp[idx], Qp[idx]
-        Ua, _ = _ritz_step(Pa, Qa, U[idx], V[idx], r)
-        Va, f = _ritz_step(Qa, Pa, V[idx], Ua, r)
+        Ua, _ = _ritz_step(Pa, Qa, U[idx], V[idx], r, rtol=rtol)
+        Va, f = _ritz_step(Qa, Pa, V[idx], Ua, r, rtol=rtol)
         U[idx], V[idx] = Ua, Va
         new = rel_error(f, idx).tolist()
         for j, i in enumerate(idx.tolist()):
