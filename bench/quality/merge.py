@@ -76,12 +76,11 @@ class MethodSpec:
     def lambda_is_scale(self) -> bool:
         """Whether merging with ``lambda: λ`` equals scaling the λ=1 merge by λ.
 
-        Measured false for Iso-C / Iso-CTS under ``mtc`` / truncated ``core_space`` with this
-        engine (λ also changes the direction: the whitened spectrum is flat, so which directions
-        the truncation keeps is decided by rounding). Those methods are searched by re-merging
-        at every λ instead.
+        True for every method since the engine passes the target rank to flat-spectrum rules
+        (before that, Iso-C / Iso-CTS under ``mtc`` / truncated ``core_space`` truncated a flat
+        spectrum, so λ also changed the direction, and they were re-merged at every λ).
         """
-        return self.family in ("ctm", "peft", "lora_lego") or self.rule not in ("iso_c", "iso_cts")
+        return True
 
     @property
     def label(self) -> str:
@@ -148,6 +147,8 @@ def make_recipe(
         params["hooi_iters"] = int(hooi_iters)
     if method.family == "mtc":
         params["space"] = method.space
+    if method.rule == "iso_cts":  # the CtM paper's setting: r − T common directions, 1 per task
+        params["common_space_fraction"] = max(rank - len(adapters), 0) / rank
     return {
         "merge_method": method.family,
         "base_model": str(base_dir),
