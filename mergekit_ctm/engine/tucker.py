@@ -84,19 +84,27 @@ def _ritz_step(
     # Y = [Y₁ … Y_T] (b, N1, T·r), Yₜ = Xₜ V: G_U = Y Yᵀ, so each product is one GEMM
     Y = (Pp @ (Qp.mT @ V.unsqueeze(1))).permute(0, 2, 1, 3).reshape(b, N1, -1)
     f = torch.zeros(b, dtype=Y.dtype, device=Y.device)
-    todo = torch.ones(b, dtype=torch.bool, device=Y.device)
+    todo = None  # None: every item still iterating (no masking needed)
     for step in range(inner):
         GU = Y @ (Y.mT @ U)
         if step:  # items already invariant keep their U, so batching changes nothing
-            res = torch.linalg.matrix_norm(GU - U @ (U.mT @ GU))
-            todo = todo & (res > rtol * torch.linalg.matrix_norm(GU))
+            # U orthonormal: ‖G U − U UᵀG U‖² = ‖G U‖² − ‖UᵀG U‖²
+            g2 = (GU * GU).sum((-2, -1))
+            UtGU = U.mT @ GU
+            res2 = (g2 - (UtGU * UtGU).sum((-2, -1))).clamp_min(0)
+            left = res2 > rtol * rtol * g2
+            todo = left if todo is None else todo & left
             if not bool(todo.any()):
                 break
         K = torch.linalg.qr(torch.cat([U, GU], dim=-1)).Q
         Z = Y.mT @ K  # (b, T·r, |K|)
-        evals, W = top_eigh(Z.mT @ Z, r)
-        keep = todo.view(-1, 1, 1)
-        U, f = torch.where(keep, K @ W, U), torch.where(todo, evals.sum(-1), f)
+        evals, W = torch.linalg.eigh(Z.mT @ Z)  # ascending; the top r in any order will do
+        U_new, f_new = K @ W[..., -r:], evals[..., -r:].sum(-1)
+        if todo is None or bool(todo.all()):
+            U, f = U_new, f_new
+        else:
+            U = torch.where(todo.view(-1, 1, 1), U_new, U)
+            f = torch.where(todo, f_new, f)
     return U, f
 
 
@@ -160,10 +168,14 @@ def _tucker2_batch(P, Q, rank: int, iters: int, tol: float) -> list[Tucker2Resul
         if not bool(active.any()):
             break
         idx = active.nonzero().flatten()
-        Pa, Qa = Pp[idx], Qp[idx]
-        Ua, _ = _ritz_step(Pa, Qa, U[idx], V[idx], r, rtol=rtol)
-        Va, f = _ritz_step(Qa, Pa, V[idx], Ua, r, rtol=rtol)
-        U[idx], V[idx] = Ua, Va
+        if len(idx) == b:  # no converged items to skip: no gathers
+            U, _ = _ritz_step(Pp, Qp, U, V, r, rtol=rtol)
+            V, f = _ritz_step(Qp, Pp, V, U, r, rtol=rtol)
+        else:
+            Pa, Qa = Pp[idx], Qp[idx]
+            Ua, _ = _ritz_step(Pa, Qa, U[idx], V[idx], r, rtol=rtol)
+            Va, f = _ritz_step(Qa, Pa, V[idx], Ua, r, rtol=rtol)
+            U[idx], V[idx] = Ua, Va
         new = rel_error(f, idx).tolist()
         for j, i in enumerate(idx.tolist()):
             prev = errors[i][-1]
