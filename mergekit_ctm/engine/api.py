@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -130,6 +131,9 @@ def merge_lora(
     return _note_rank(out)
 
 
+_CTM_PARAMS = ("rank", "beta", "base_rule", "rule_params", "hooi_iters", "hooi_tol", "lam", "dtype")
+
+
 def merge_lora_many(
     modules: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[float]]],
     *,
@@ -153,15 +157,11 @@ def merge_lora_many(
         ]
     for As, Bs, s in modules:
         _check_inputs(As, Bs, s)
-    p = {
-        "rank": 16,
-        "beta": 0.5,
-        "base_rule": "task_arithmetic",
-        "rule_params": None,
-        "hooi_iters": 500,
-        "hooi_tol": 1e-10,
-        "lam": 1.0,
-        "dtype": torch.float32,
-    } | params
+    defaults = {
+        name: arg.default
+        for name, arg in inspect.signature(merge_lora).parameters.items()
+        if name in _CTM_PARAMS
+    }
+    p = defaults | params
     _check_params("ctm", p["rank"], p["beta"], "full", p["dtype"])
     return [_note_rank(o) for o in pipelines.ctm_many(modules, seeds, **p)]

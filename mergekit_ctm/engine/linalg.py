@@ -72,23 +72,22 @@ def top_eigh(H: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
 
 
-def sqrt_psd(G: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root S (S S = G) of a PSD matrix; negative rounding clamped to 0."""
-    evals, evecs = torch.linalg.eigh(G)
-    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT
-
-
 def balanced_svd_factors(
-    C: torch.Tensor, rank: int | None, rtol: float = 1e-12
+    C: torch.Tensor,
+    rank: int | None,
+    rtol: float = 1e-12,
+    work_dtype: torch.dtype | None = F64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of a small coordinate matrix C = P Σ Qᵀ truncated to ``rank`` nonzero directions.
+    """SVD C = P Σ Qᵀ truncated to ``rank`` nonzero directions, as balanced factors.
 
     Returns (P√Σ, √Σ Qᵀ, Σ), dropping singular values ≤ rtol·σ_max (never padded with zeros).
-    Signs are canonicalized on P so equal inputs give equal factors on any device.
+    Signs are canonicalized on P so equal inputs give equal factors on any device. The SVD runs
+    in ``work_dtype`` (float64 for the small coordinate matrices; None keeps C's dtype, for the
+    dense n × m matrices of full-space MtC).
     """
-    P, S, Qh = torch.linalg.svd(C.to(F64), full_matrices=False)
+    P, S, Qh = torch.linalg.svd(C if work_dtype is None else C.to(work_dtype), full_matrices=False)
     k = S.shape[-1] if rank is None else min(rank, S.shape[-1])
-    smax = S[:1].clamp_min(torch.finfo(F64).tiny)
+    smax = S[:1].clamp_min(torch.finfo(S.dtype).tiny)
     k = min(k, int((S > rtol * smax).sum()))
     P, S, Qh = P[:, :k], S[:k], Qh[:k]
     sign = canonical_signs(P)

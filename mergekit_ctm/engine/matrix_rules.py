@@ -25,6 +25,8 @@ import torch
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from pydantic import Field
 
+from mergekit_ctm.engine.linalg import canonical_signs
+
 Tensor = torch.Tensor
 
 _Unit = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -276,17 +278,10 @@ def pcb(
 # ---------------------------------------------------------------------------------- RobustMerge
 
 
-def _canonical_signs(u: Tensor) -> Tensor:
-    """±1 per column so that each column's largest-|entry| (lowest index on ties) is positive."""
-    idx = u.abs().argmax(dim=0)  # argmax returns the first maximal index
-    sign = torch.sign(u.gather(0, idx[None, :]))[0]
-    return torch.where(sign == 0, torch.ones_like(sign), sign)
-
-
 def balanced_factors(x: Tensor) -> tuple[Tensor, Tensor]:
     """(A, B) with B A = x: B = U √Σ, A = √Σ Vᵀ over nonzero σ, signs canonical (DESIGN.md)."""
     u, s, vh = _svd(x)
-    sign = _canonical_signs(u)
+    sign = canonical_signs(u)
     root = s.sqrt()
     return (sign * root)[:, None] * vh, u * (sign * root)[None, :]
 

@@ -19,7 +19,7 @@ from mergekit_ctm.engine.linalg import (
     gram_basis,
     tiny_cpu_ops,
 )
-from mergekit_ctm.engine.tucker import tucker2, tucker2_batch
+from mergekit_ctm.engine.tucker import tucker2_batch
 from mergekit_ctm.engine.types import MergedLora
 
 
@@ -114,21 +114,18 @@ def ctm(
     dtype: torch.dtype,
 ) -> MergedLora:
     """Compress-then-Merge, Algorithm 1: learn U, V in core space, merge Oₜ = UᵀΔWₜV, lift."""
-    cs, Pp, Qp, c = _ctm_prepare(As, Bs, scalings, beta, dtype)
-    sol = tucker2(Pp * c.view(-1, 1, 1), Qp, rank, iters=hooi_iters, tol=hooi_tol)
-    return _ctm_finish(
-        cs,
-        Pp,
-        Qp,
-        c,
-        sol,
+    return ctm_many(
+        [(As, Bs, scalings)],
+        [seed],
         rank=rank,
+        beta=beta,
         base_rule=base_rule,
         rule_params=rule_params,
+        hooi_iters=hooi_iters,
+        hooi_tol=hooi_tol,
         lam=lam,
-        seed=seed,
         dtype=dtype,
-    )
+    )[0]
 
 
 def ctm_many(
@@ -204,14 +201,10 @@ def mtc(As, Bs, scalings, *, rank, space, base_rule, rule_params, lam, seed, dty
             [float(s) * (B.to(dtype) @ A.to(dtype)) for A, B, s in zip(As, Bs, scalings)]
         )
         merged = lam * _rule(dW, base_rule, rule_params, seed, rank=rank).to(dtype)
-        U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
-        tol = S[:1] * max(merged.shape) * torch.finfo(dtype).eps
-        k = min(rank, int((S > tol).sum()))
-        root = S[:k].sqrt()
-        sign = canonical_signs(U[:, :k])
-        B = U[:, :k] * (sign * root)
-        A = (sign * root).unsqueeze(-1) * Vh[:k]
-        info = {"method": "mtc/full", "singular_values": S[:k].tolist()}
+        B, A, S = balanced_svd_factors(  # the dense SVD stays in the math dtype
+            merged, rank, rtol=max(merged.shape) * torch.finfo(dtype).eps, work_dtype=None
+        )
+        info = {"method": "mtc/full", "singular_values": S.tolist()}
         return MergedLora(A=A, B=B, requested_rank=rank, info=info)
     if space == "knots":
         return _knots(As, Bs, scalings, rank, base_rule, rule_params, lam, seed, dtype)

@@ -38,7 +38,6 @@ import torch
 from mergekit_ctm.engine.linalg import F64, tiny_cpu_ops, top_eigh
 
 INNER_STEPS = 100  # cap on Rayleigh–Ritz steps per half-sweep (reached only with tiny gaps)
-INNER_RTOL = 1e-6  # default relative residual at which U spans the top-r eigenspace of G_U
 
 
 def inner_rtol(tol: float) -> float:
@@ -70,8 +69,9 @@ def _ritz_step(
     U: torch.Tensor,
     V: torch.Tensor,
     r: int,
+    *,
+    rtol: float,
     inner: int = INNER_STEPS,
-    rtol: float = INNER_RTOL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact HOOI U-update for fixed V (batched): top-r eigenspace of G_U = Σₜ Yₜ Yₜᵀ, Yₜ = XₜV.
 
