@@ -72,6 +72,7 @@ from mergekit_ctm.engine import matrix_rules
 __all__ = [
     "RuleError",
     "adapter_seed",
+    "check_rule_params",
     "matrix_rule_methods",
     "merge_matrices",
     "rule_names",
@@ -197,6 +198,12 @@ def _bind(rule: str, params: Mapping[str, Any] | None, count: int) -> dict[str, 
             bound[name] = _validate(rule, spec, value)
     _check_ranges(rule, bound)
     return bound
+
+
+def check_rule_params(rule: str, params: Mapping[str, Any] | None, count: int) -> dict[str, Any]:
+    """Validate ``params`` for ``rule`` and ``count`` adapters exactly as ``merge_matrices`` will
+    (names, types, per-adapter lengths, ranges); returns the bound values, raises RuleError."""
+    return _bind(rule, params, count)
 
 
 def _validate(rule: str, spec: ParameterSpec, value: Any, index: int | None = None) -> Any:

@@ -301,9 +301,7 @@ def _check_rule(
     rule: str, values: dict[str, Any], idx: Sequence[int], labels: Sequence[str], module: str
 ) -> None:
     """The rule's own range checks; a per-adapter failure names models[i]."""
-    bind = getattr(rules_mod, "check_rule_params", None) or getattr(rules_mod, "_bind", None)
-    if bind is None:
-        return
+    bind = rules_mod.check_rule_params
     as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     try:
         bind(rule, as_lists, len(idx))
