@@ -1,15 +1,17 @@
-"""Public entry point of the engine: ``merge_lora``."""
+"""Public entry points of the engine: ``merge_lora`` and ``merge_lora_many``."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from mergekit_ctm.engine import pipelines
 from mergekit_ctm.engine.lego import lora_lego
+from mergekit_ctm.engine.linalg import tiny_cpu_ops
 from mergekit_ctm.engine.types import MergedLora
 
 METHODS = ("ctm", "core_space", "mtc", "lora_lego")
@@ -131,6 +133,7 @@ def merge_lora(
     return _note_rank(out)
 
 
+CHUNK = 4  # modules per batched solve: larger batches gain nothing (LAPACK loops anyway)
 _CTM_PARAMS = ("rank", "beta", "base_rule", "rule_params", "hooi_iters", "hooi_tol", "lam", "dtype")
 
 
@@ -139,29 +142,50 @@ def merge_lora_many(
     *,
     seeds: Sequence[int | None] | None = None,
     method: str = "ctm",
+    workers: int | None = None,
     **params: Any,
 ) -> list[MergedLora]:
     """``merge_lora`` over many modules (each an (As, Bs, scalings) triple), same parameters.
 
-    For ``ctm`` the core problems of equal shape are solved as one batch, which amortises the
-    per-call overhead of the many tiny HOOI steps; each problem still stops on its own
-    criterion, so results equal per-module calls up to floating-point rounding.
-    ``seeds`` gives each module its own seed.
+    Modules go in chunks of ``CHUNK``; for ``ctm`` a chunk's core problems of equal shape are
+    solved as one batch, which amortises the per-call overhead of the many tiny HOOI steps.
+    ``workers`` threads merge chunks concurrently, each on one intra-op thread (default: the
+    torch thread count for CPU inputs, 1 on CUDA): the tiny core problems are sequential
+    LAPACK calls, so this is how they use several cores. Any worker count above 1 gives the
+    same bits; each problem stops on its own criterion, so results equal per-module calls up
+    to floating-point rounding (their GEMMs use all threads). ``seeds``: one per module.
     """
     default_seed = params.pop("seed", None)
     seeds = list(seeds) if seeds is not None else [default_seed] * len(modules)
-    if method != "ctm":
-        return [
-            merge_lora(As, Bs, s, method=method, seed=seed, **params)
-            for (As, Bs, s), seed in zip(modules, seeds)
-        ]
+    if len(seeds) != len(modules):
+        raise ValueError(f"got {len(seeds)} seeds for {len(modules)} modules")
     for As, Bs, s in modules:
         _check_inputs(As, Bs, s)
-    defaults = {
-        name: arg.default
-        for name, arg in inspect.signature(merge_lora).parameters.items()
-        if name in _CTM_PARAMS
-    }
-    p = defaults | params
-    _check_params("ctm", p["rank"], p["beta"], "full", p["dtype"])
-    return [_note_rank(o) for o in pipelines.ctm_many(modules, seeds, **p)]
+    if method == "ctm":
+        defaults = {
+            name: arg.default
+            for name, arg in inspect.signature(merge_lora).parameters.items()
+            if name in _CTM_PARAMS
+        }
+        p = defaults | params
+        _check_params("ctm", p["rank"], p["beta"], "full", p["dtype"])
+
+        def run(idx: range) -> list[MergedLora]:
+            mods = [modules[i] for i in idx]
+            return [
+                _note_rank(o) for o in pipelines.ctm_many(mods, seeds[idx.start : idx.stop], **p)
+            ]
+    else:
+
+        def run(idx: range) -> list[MergedLora]:
+            return [merge_lora(*modules[i], method=method, seed=seeds[i], **params) for i in idx]
+
+    chunks = [range(i, min(i + CHUNK, len(modules))) for i in range(0, len(modules), CHUNK)]
+    on_cpu = all(t.device.type == "cpu" for As, Bs, _ in modules for t in (*As, *Bs))
+    if workers is None:
+        workers = torch.get_num_threads() if on_cpu else 1
+    workers = max(1, min(workers, len(chunks)))
+    if workers == 1:
+        return [o for idx in chunks for o in run(idx)]
+    with tiny_cpu_ops(torch.device("cpu")), ThreadPoolExecutor(workers) as pool:
+        return [o for out in pool.map(run, chunks) for o in out]

@@ -38,6 +38,8 @@ import torch
 from mergekit_ctm.engine.linalg import F64, tiny_cpu_ops, top_eigh
 
 INNER_STEPS = 100  # cap on Rayleigh–Ritz steps per half-sweep (reached only with tiny gaps)
+EXTRAP_RHO_MAX = 0.95  # cap on the estimated contraction rate of a HOOI sweep
+EXTRAP_MAX = 10.0  # cap on the extrapolation factor ρ/(1−ρ)
 
 
 def inner_rtol(tol: float) -> float:
@@ -83,28 +85,29 @@ def _ritz_step(
     b, T, N1, _ = Pp.shape
     # Y = [Y₁ … Y_T] (b, N1, T·r), Yₜ = Xₜ V: G_U = Y Yᵀ, so each product is one GEMM
     Y = (Pp @ (Qp.mT @ V.unsqueeze(1))).permute(0, 2, 1, 3).reshape(b, N1, -1)
-    f = torch.zeros(b, dtype=Y.dtype, device=Y.device)
+    YtU = Y.mT @ U
+    f = theta2 = torch.zeros(b, dtype=Y.dtype, device=Y.device)
     todo = None  # None: every item still iterating (no masking needed)
     for step in range(inner):
-        GU = Y @ (Y.mT @ U)
+        GU = Y @ YtU
         if step:  # items already invariant keep their U, so batching changes nothing
-            # U orthonormal: ‖G U − U UᵀG U‖² = ‖G U‖² − ‖UᵀG U‖²
+            # U holds Ritz vectors, UᵀG U = diag(θ): ‖G U − U UᵀG U‖² = ‖G U‖² − Σθ²
             g2 = (GU * GU).sum((-2, -1))
-            UtGU = U.mT @ GU
-            res2 = (g2 - (UtGU * UtGU).sum((-2, -1))).clamp_min(0)
-            left = res2 > rtol * rtol * g2
+            left = (g2 - theta2).clamp_min(0) > rtol * rtol * g2
             todo = left if todo is None else todo & left
             if not bool(todo.any()):
                 break
         K = torch.linalg.qr(torch.cat([U, GU], dim=-1)).Q
         Z = Y.mT @ K  # (b, T·r, |K|)
         evals, W = torch.linalg.eigh(Z.mT @ Z)  # ascending; the top r in any order will do
-        U_new, f_new = K @ W[..., -r:], evals[..., -r:].sum(-1)
+        W, evals = W[..., -r:], evals[..., -r:]
+        new = (K @ W, Z @ W, evals.sum(-1), (evals * evals).sum(-1))
         if todo is None or bool(todo.all()):
-            U, f = U_new, f_new
+            U, YtU, f, theta2 = new
         else:
-            U = torch.where(todo.view(-1, 1, 1), U_new, U)
-            f = torch.where(todo, f_new, f)
+            keep = todo.view(-1, 1, 1)
+            U, YtU = torch.where(keep, new[0], U), torch.where(keep, new[1], YtU)
+            f, theta2 = torch.where(todo, new[2], f), torch.where(todo, new[3], theta2)
     return U, f
 
 
@@ -133,17 +136,32 @@ def tucker2_batch(
     *,
     iters: int = 500,
     tol: float = 1e-10,
+    extrapolate: bool = True,
 ) -> list[Tucker2Result]:
     """Solve b independent problems at once: P (b, T, N₁, k), Q (b, T, N₂, k).
 
+    ``extrapolate=False`` gives plain HOOI (the path of an SVD-based solver).
     Batching only amortises per-call overhead: each problem stops on its own criterion and its
     U, V are frozen afterwards, so it runs the same sweeps as it would alone.
     """
     with tiny_cpu_ops(P.device):
-        return _tucker2_batch(P, Q, rank, iters, tol)
+        return _tucker2_batch(P, Q, rank, iters, tol, extrapolate)
 
 
-def _tucker2_batch(P, Q, rank: int, iters: int, tol: float) -> list[Tucker2Result]:
+def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return x if idx is None else x[idx]
+
+
+def _put(x: torch.Tensor, idx: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    if idx is None:
+        return value
+    x[idx] = value
+    return x
+
+
+def _tucker2_batch(
+    P, Q, rank: int, iters: int, tol: float, extrapolate: bool
+) -> list[Tucker2Result]:
     Pp, Qp = P.to(F64), Q.to(F64)
     b = Pp.shape[0]
     rtol = inner_rtol(tol)
@@ -155,37 +173,70 @@ def _tucker2_batch(P, Q, rank: int, iters: int, tol: float) -> list[Tucker2Resul
     _, V = top_eigh(_stacked_gram(Qp, PtP), r)
     safe = total.clamp_min(torch.finfo(F64).tiny)
 
-    def rel_error(f: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        t, s = (total, safe) if idx is None else (total[idx], safe[idx])
+    def rel_error(f: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        t, s = _take(total, idx), _take(safe, idx)
         return torch.where(t > 0, ((t - f).clamp_min(0) / s).sqrt(), 0.0)
 
     Z = U.mT.unsqueeze(1) @ Pp @ (Qp.mT @ V.unsqueeze(1))
-    err = rel_error((Z * Z).sum((1, 2, 3)))
+    f_last = (Z * Z).sum((1, 2, 3))  # f after the last full sweep
+    err = rel_error(f_last, None)
     errors = [[float(e)] for e in err]
     active = err > 1e-14
     sweeps = [0] * b
+    V_in = V.clone()  # the V the next U-update starts from: V, or V extrapolated
+    extrapolated = torch.zeros(b, dtype=torch.bool, device=V.device)
+    step_prev = torch.zeros(b, dtype=F64, device=V.device)
     for _ in range(iters):
         if not bool(active.any()):
             break
-        idx = active.nonzero().flatten()
-        if len(idx) == b:  # no converged items to skip: no gathers
-            U, _ = _ritz_step(Pp, Qp, U, V, r, rtol=rtol)
-            V, f = _ritz_step(Qp, Pp, V, U, r, rtol=rtol)
-        else:
-            Pa, Qa = Pp[idx], Qp[idx]
-            Ua, _ = _ritz_step(Pa, Qa, U[idx], V[idx], r, rtol=rtol)
-            Va, f = _ritz_step(Qa, Pa, V[idx], Ua, r, rtol=rtol)
-            U[idx], V[idx] = Ua, Va
+        idx = None if bool(active.all()) else active.nonzero().flatten()
+        Pa, Qa, Ua, Vi = _take(Pp, idx), _take(Qp, idx), _take(U, idx), _take(V_in, idx)
+        U_new, f_u = _ritz_step(Pa, Qa, Ua, Vi, r, rtol=rtol)
+        # safeguard: an extrapolated V must not lose objective, else redo from the plain V
+        bad = _take(extrapolated, idx) & (f_u < _take(f_last, idx))
+        if bool(bad.any()):
+            j = bad.nonzero().flatten()
+            Vi = Vi.clone()
+            Vi[j] = _take(V, idx)[j]
+            U_new[j], f_u[j] = _ritz_step(Pa[j], Qa[j], Ua[j], Vi[j], r, rtol=rtol)
+        V_new, f = _ritz_step(Qa, Pa, Vi, U_new, r, rtol=rtol)
+        U, V, f_last = _put(U, idx, U_new), _put(V, idx, V_new), _put(f_last, idx, f)
         new = rel_error(f, idx).tolist()
-        for j, i in enumerate(idx.tolist()):
+        for j, i in enumerate(range(b) if idx is None else idx.tolist()):
             prev = errors[i][-1]
             errors[i].append(new[j])
             sweeps[i] += 1
             if abs(prev - errors[i][-1]) < tol or errors[i][-1] <= 1e-14:
                 active[i] = False
+        V_next, ext = V_new, torch.zeros_like(f, dtype=torch.bool)
+        if extrapolate:
+            V_next, ext, step = _extrapolate(Vi, V_new, _take(step_prev, idx))
+            step_prev = _put(step_prev, idx, step)
+        V_in, extrapolated = _put(V_in, idx, V_next), _put(extrapolated, idx, ext)
     U = _rotate_to_eigvecs(Pp, Qp, U, V)
     V = _rotate_to_eigvecs(Qp, Pp, V, U)
     return [Tucker2Result(U[i], V[i], errors[i], sweeps[i], not bool(active[i])) for i in range(b)]
+
+
+def _extrapolate(
+    V_in: torch.Tensor, V_out: torch.Tensor, step_prev: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Extrapolate one sweep V_in ↦ V_out of HOOI along its step (Aitken-like acceleration).
+
+    HOOI converges linearly, ‖Dₖ₊₁‖ ≈ ρ‖Dₖ‖ for the step Dₖ = (I − V_inV_inᵀ)V_out, so its
+    limit lies near V_out + ρ/(1−ρ)·Dₖ. We start the next sweep there (ρ from the last two
+    steps, factor ≤ EXTRAP_MAX); the caller keeps V_out and falls back to it when the
+    extrapolated start loses objective, so f never decreases. Returns (V_next, used, ‖Dₖ‖).
+    """
+    D = V_out - V_in @ (V_in.mT @ V_out)
+    step = torch.linalg.matrix_norm(D)
+    use = step_prev > 0
+    if not bool(use.any()):
+        return V_out, use, step
+    rho = (step / step_prev.clamp_min(torch.finfo(F64).tiny)).clamp(max=EXTRAP_RHO_MAX)
+    a = torch.where(use, (rho / (1 - rho)).clamp(max=EXTRAP_MAX), 0.0)
+    V_next = torch.linalg.qr(V_out + a.view(-1, 1, 1) * D).Q
+    return torch.where(use.view(-1, 1, 1), V_next, V_out), use, step
 
 
 def tucker2(
@@ -195,9 +246,12 @@ def tucker2(
     *,
     iters: int = 500,
     tol: float = 1e-10,
+    extrapolate: bool = True,
 ) -> Tucker2Result:
     """Solve max Σₜ‖Uᵀ Pₜ Qₜᵀ V‖² for P (T, N₁, k), Q (T, N₂, k); rank capped at min(N₁, N₂)."""
-    return tucker2_batch(P.unsqueeze(0), Q.unsqueeze(0), rank, iters=iters, tol=tol)[0]
+    return tucker2_batch(
+        P.unsqueeze(0), Q.unsqueeze(0), rank, iters=iters, tol=tol, extrapolate=extrapolate
+    )[0]
 
 
 def tucker2_dense(X: torch.Tensor, rank: int, *, iters: int = 500, tol: float = 1e-10):

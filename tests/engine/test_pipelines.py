@@ -288,6 +288,23 @@ def test_bf16_inputs_and_many_modules():
         assert rel(o.delta(), single.delta().double()) < 1e-9
 
 
+@pytest.mark.parametrize("method", ["ctm", "mtc"])
+def test_merge_lora_many_workers_do_not_change_the_result(method):
+    mods = [lora_factors(4, ranks=[3, 4, 2, 4], seed=k) for k in range(9)]
+    kw = dict(method=method, rank=4, base_rule="dare_ties", rule_params={"density": 0.6})
+    seeds = list(range(9))
+    threads = torch.get_num_threads()
+    two = merge_lora_many(mods, seeds=seeds, workers=2, **kw)
+    three = merge_lora_many(mods, seeds=seeds, workers=3, **kw)
+    assert torch.get_num_threads() == threads  # restored after the worker pool
+    for a, b, (A_, B_, s_), seed in zip(two, three, mods, seeds):
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)  # one thread per module
+        single = merge_lora(A_, B_, s_, seed=seed, **kw)  # GEMMs on all threads: rounding
+        assert rel(a.delta(), single.delta()) < 1e-5
+    with pytest.raises(ValueError, match="seeds"):
+        merge_lora_many(mods, seeds=[1, 2], **kw)
+
+
 def test_bad_inputs_raise_clear_errors():
     As, Bs, s = lora_factors(2, ranks=3)
     with pytest.raises(ValueError, match="adapter 1"):
