@@ -188,4 +188,18 @@ def merge_lora_many(
     if workers == 1:
         return [o for idx in chunks for o in run(idx)]
     with tiny_cpu_ops(torch.device("cpu")), ThreadPoolExecutor(workers) as pool:
-        return [o for out in pool.map(run, chunks) for o in out]
+        return [o for out in pool.map(_single_threaded(run), chunks) for o in out]
+
+
+def _single_threaded(fn):
+    """Run fn with one intra-op thread in the calling (worker) thread.
+
+    A new thread takes the global thread count only at its first parallel ATen op, and
+    LAPACK calls made before that would use the OpenMP default: set it explicitly.
+    """
+
+    def wrapped(*args):
+        torch.set_num_threads(1)
+        return fn(*args)
+
+    return wrapped

@@ -10,6 +10,9 @@ and each update becomes a core matrix
 Theorem 4.1: ΔW⁽ᵗ⁾ = U_B M⁽ᵗ⁾ V_Aᵀ exactly. Numerically zero directions are dropped
 (k_B, k_A ≤ R'), which the paper allows. Only two Gram matrices touch n or m; P, Q come from
 them for free (P = Σ_B W_Bᵀ, Q = Σ_A W_Aᵀ), and U_B, V_A are formed only on request.
+
+``build_ctm_core_space`` picks other orthonormal bases for CtM: the singular vectors of
+the β-weighted updates, in which the HOSVD of Problem 11 is already diagonal.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_ctm.engine.linalg import F64, canonical_signs, gram_basis
+from mergekit_ctm.engine.linalg import (
+    F64,
+    canonical_signs,
+    default_rtol,
+    eigh_basis,
+    gram64,
+    gram_basis,
+    psd_sqrt,
+)
 
 
 @dataclass
@@ -81,6 +92,14 @@ class CoreSpace:
         return U, V
 
 
+def _stack(As, Bs, scalings, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"math dtype must be float32 or float64, got {dtype}")
+    B_cat = torch.cat([B.to(dtype) * float(s) for B, s in zip(Bs, scalings)], dim=1)
+    A_cat = torch.cat([A.to(dtype) for A in As], dim=0)
+    return B_cat, A_cat
+
+
 def build_core_space(
     As: Sequence[torch.Tensor],
     Bs: Sequence[torch.Tensor],
@@ -88,10 +107,7 @@ def build_core_space(
     dtype: torch.dtype = torch.float32,
 ) -> CoreSpace:
     """Core space of ΔWₜ = sₜ Bₜ Aₜ (Aₜ: rₜ × m, Bₜ: n × rₜ); cost (n + m)·R'² + R'³."""
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"math dtype must be float32 or float64, got {dtype}")
-    B_cat = torch.cat([B.to(dtype) * float(s) for B, s in zip(Bs, scalings)], dim=1)
-    A_cat = torch.cat([A.to(dtype) for A in As], dim=0)
+    B_cat, A_cat = _stack(As, Bs, scalings, dtype)
     W_B, sig_B = gram_basis(B_cat)
     W_A, sig_A = gram_basis(A_cat.mT)
     return CoreSpace(
@@ -103,3 +119,68 @@ def build_core_space(
         Q=sig_A.unsqueeze(-1) * W_A.mT,
         ranks=tuple(int(A.shape[0]) for A in As),
     )
+
+
+def _diagonal_blocks(G: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
+    """The diagonal blocks G[b, b] of a Gram matrix, zero-padded to (T, r_max, r_max)."""
+    rmax = max(b.stop - b.start for b in blocks)
+    out = G.new_zeros(len(blocks), rmax, rmax)
+    for t, b in enumerate(blocks):
+        k = b.stop - b.start
+        out[t, :k, :k] = G[b, b]
+    return out
+
+
+def beta_weights(norms: torch.Tensor, beta: float) -> torch.Tensor:
+    """cₜ = λₜ/‖ΔWₜ‖ with λₜ = β‖ΔWₜ‖ + (1−β)·mean‖ΔW‖ (Eq. 3–4 of CtM).
+
+    An update below 1e-10 of the largest (zero up to the rounding of the core projection) gets
+    cₜ = 0 rather than an enormous weight on rounding noise.
+    """
+    alive = norms > norms.max() * 1e-10
+    lam = beta * norms + (1.0 - beta) * norms.mean()
+    return torch.where(alive, lam / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+
+
+def build_ctm_core_space(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    beta: float,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[CoreSpace, torch.Tensor]:
+    """CtM's core space, with bases that diagonalise its HOSVD Grams; returns (space, c).
+
+    cₜ are the β weights (Eq. 3–4), from ‖ΔWₜ‖² = tr(B̃ₜᵀB̃ₜ · AₜAₜᵀ) (the Gram blocks).
+    HOSVD's mode-1 Gram is Σₜ cₜ² ΔWₜΔWₜᵀ = F Fᵀ with F = [cₜ B̃ₜ (AₜAₜᵀ)^½]ₜ, whose column
+    space is Σₜ range(ΔWₜ) (for cₜ > 0). Taking U_B from F's SVD, F = U_B Σ Wᵀ (via FᵀF =
+    Mᵀ(B_catᵀB_cat) M, M = blockdiag(cₜ(AₜAₜᵀ)^½)), makes U_Bᵀ F Fᵀ U_B = Σ² diagonal: the
+    HOSVD factor is the leading coordinate vectors, and the eigendecomposition that finds the
+    core basis is the one HOSVD needs (``tucker2_batch(..., hosvd_diagonal=True)``). V_A
+    likewise from [cₜ Aₜᵀ (B̃ₜᵀB̃ₜ)^½]. Theorem 4.1 holds for every task with cₜ > 0, and
+    Pₜ = U_BᵀB̃ₜ, Qₜ = V_AᵀAₜᵀ come from the Gram matrices: no extra pass over n or m.
+    """
+    B_cat, A_cat = _stack(As, Bs, scalings, dtype)
+    ranks = tuple(int(A.shape[0]) for A in As)
+    GB, GA = gram64(B_cat), gram64(A_cat.mT)
+    ends = torch.tensor(ranks).cumsum(0).tolist()
+    blocks = [slice(e - r, e) for e, r in zip(ends, ranks)]
+    diag_B, diag_A = _diagonal_blocks(GB, blocks), _diagonal_blocks(GA, blocks)  # (T, r, r)
+    norms = (diag_B * diag_A).sum((-2, -1)).clamp_min(0).sqrt()
+    c = beta_weights(norms, beta)
+    root_A, root_B = c.view(-1, 1, 1) * psd_sqrt(diag_A), c.view(-1, 1, 1) * psd_sqrt(diag_B)
+    M_B = torch.block_diag(*[R[:k, :k] for R, k in zip(root_A, ranks)])
+    M_A = torch.block_diag(*[R[:k, :k] for R, k in zip(root_B, ranks)])
+    W_B, sig_B = eigh_basis(M_B.mT @ GB @ M_B, default_rtol(B_cat))
+    W_A, sig_A = eigh_basis(M_A.mT @ GA @ M_A, default_rtol(A_cat.mT))
+    coef_B, coef_A = M_B @ (W_B / sig_B), M_A @ (W_A / sig_A)
+    space = CoreSpace(
+        B_cat=B_cat,
+        A_cat=A_cat,
+        coef_B=coef_B,
+        coef_A=coef_A,
+        P=coef_B.mT @ GB,  # U_Bᵀ B_cat
+        Q=coef_A.mT @ GA,  # V_Aᵀ A_catᵀ
+        ranks=ranks,
+    )
+    return space, c

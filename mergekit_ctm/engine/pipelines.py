@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mergekit_ctm.engine.core import build_core_space
+from mergekit_ctm.engine.core import build_core_space, build_ctm_core_space
 from mergekit_ctm.engine.linalg import (
     F64,
     balanced_svd_factors,
@@ -36,17 +36,6 @@ def _rule(
     return merge_matrices(list(tensors.unbind(0)), rule, params, seed=seed, rank=rank)
 
 
-def beta_weights(norms: torch.Tensor, beta: float) -> torch.Tensor:
-    """cₜ = λₜ/‖ΔWₜ‖ with λₜ = β‖ΔWₜ‖ + (1−β)·mean‖ΔW‖ (Eq. 3–4).
-
-    An update below 1e-10 of the largest (zero up to the rounding of the core projection) gets
-    cₜ = 0 rather than an enormous weight on rounding noise.
-    """
-    alive = norms > norms.max() * 1e-10
-    lam = beta * norms + (1.0 - beta) * norms.mean()
-    return torch.where(alive, lam / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
-
-
 def _lift(
     U_left: torch.Tensor,
     C: torch.Tensor,
@@ -67,12 +56,10 @@ def _lift(
 
 
 def _ctm_prepare(As, Bs, scalings, beta: float, dtype):
-    """Core space and β-reweighted targets M_target = cₜ Mₜ (Algorithm 1, steps 1–2)."""
-    cs = build_core_space(As, Bs, scalings, dtype)
+    """Core space and β weights cₜ (Algorithm 1, steps 1–2); targets are cₜ Mₜ."""
+    cs, c = build_ctm_core_space(As, Bs, scalings, beta, dtype)
     Pp, Qp = cs.padded()
-    # ‖Mₜ‖_F = ‖ΔWₜ‖_F (Theorem 4.1) = √tr(PₜᵀPₜ QₜᵀQₜ), without forming the R × R Mₜ
-    norms = ((Pp.mT @ Pp) * (Qp.mT @ Qp)).sum((-2, -1)).clamp_min(0).sqrt()
-    return cs, Pp, Qp, beta_weights(norms, beta)
+    return cs, Pp, Qp, c
 
 
 def _ctm_finish(
@@ -140,7 +127,8 @@ def ctm_many(
     for idx in groups.values():
         P = torch.stack([preps[i][1] * preps[i][3].view(-1, 1, 1) for i in idx])
         Q = torch.stack([preps[i][2] for i in idx])
-        for i, sol in zip(idx, tucker2_batch(P, Q, rank, iters=hooi_iters, tol=hooi_tol)):
+        batch = tucker2_batch(P, Q, rank, iters=hooi_iters, tol=hooi_tol, hosvd_diagonal=True)
+        for i, sol in zip(idx, batch):
             sols[i] = sol
     return [
         _ctm_finish(

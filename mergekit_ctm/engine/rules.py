@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -259,9 +260,23 @@ def _check_tensors(tensors: Sequence[torch.Tensor], rule: str, ndim: int | None)
         )
 
 
+_RNG_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _seeded(device: torch.device, seed: int) -> Iterator[None]:
-    """Private RNG state for ``device`` seeded with ``seed``; the caller's state is restored."""
+    """Private RNG state for ``device`` seeded with ``seed``; the caller's state is restored.
+
+    mergekit's sparsifiers draw from the process-wide default generator, so the seeded region
+    holds a lock: threads (``merge_lora_many`` workers) would otherwise reseed each other's
+    draws.
+    """
+    with _RNG_LOCK, _seeded_unlocked(device, seed):
+        yield
+
+
+@contextlib.contextmanager
+def _seeded_unlocked(device: torch.device, seed: int) -> Iterator[None]:
     if device.type == "cpu":
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)

@@ -137,15 +137,19 @@ def tucker2_batch(
     iters: int = 500,
     tol: float = 1e-10,
     extrapolate: bool = True,
+    hosvd_diagonal: bool = False,
 ) -> list[Tucker2Result]:
     """Solve b independent problems at once: P (b, T, N₁, k), Q (b, T, N₂, k).
 
     ``extrapolate=False`` gives plain HOOI (the path of an SVD-based solver).
+    ``hosvd_diagonal``: the caller's bases already diagonalise both HOSVD Grams with
+    descending diagonals (``core.build_ctm_core_space``), so the HOSVD factors are the leading
+    coordinate vectors and the two N × N eigendecompositions are skipped.
     Batching only amortises per-call overhead: each problem stops on its own criterion and its
     U, V are frozen afterwards, so it runs the same sweeps as it would alone.
     """
     with tiny_cpu_ops(P.device):
-        return _tucker2_batch(P, Q, rank, iters, tol, extrapolate)
+        return _tucker2_batch(P, Q, rank, iters, tol, extrapolate, hosvd_diagonal)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -160,7 +164,7 @@ def _put(x: torch.Tensor, idx: torch.Tensor | None, value: torch.Tensor) -> torc
 
 
 def _tucker2_batch(
-    P, Q, rank: int, iters: int, tol: float, extrapolate: bool
+    P, Q, rank: int, iters: int, tol: float, extrapolate: bool, hosvd_diagonal: bool
 ) -> list[Tucker2Result]:
     Pp, Qp = P.to(F64), Q.to(F64)
     b = Pp.shape[0]
@@ -169,8 +173,12 @@ def _tucker2_batch(
     PtP = Pp.mT @ Pp  # (b, T, k, k)
     QtQ = Qp.mT @ Qp
     total = (PtP * QtQ).sum((1, 2, 3))  # Σₜ ‖Xₜ‖²_F = Σₜ tr(PₜᵀPₜ QₜᵀQₜ)
-    _, U = top_eigh(_stacked_gram(Pp, QtQ), r)
-    _, V = top_eigh(_stacked_gram(Qp, PtP), r)
+    if hosvd_diagonal:
+        U = torch.eye(Pp.shape[-2], r, dtype=F64, device=Pp.device).expand(b, -1, -1).clone()
+        V = torch.eye(Qp.shape[-2], r, dtype=F64, device=Qp.device).expand(b, -1, -1).clone()
+    else:
+        _, U = top_eigh(_stacked_gram(Pp, QtQ), r)
+        _, V = top_eigh(_stacked_gram(Qp, PtP), r)
     safe = total.clamp_min(torch.finfo(F64).tiny)
 
     def rel_error(f: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

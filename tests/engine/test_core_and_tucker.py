@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from mergekit_ctm.engine import build_core_space, tucker2, tucker2_batch, tucker2_dense
+from mergekit_ctm.engine.core import beta_weights, build_ctm_core_space
 from mergekit_ctm.engine.linalg import canonical_signs
+from mergekit_ctm.engine.tucker import _stacked_gram
 
 from .conftest import dense_updates, lora_factors
 
@@ -28,6 +30,37 @@ def test_core_projection_is_lossless(ranks, dtype):
         assert torch.linalg.norm(U @ U.T @ dW[t] @ V @ V.T - dW[t]) <= tol * dW[t].norm()
         assert torch.linalg.norm(U @ M @ V.T - dW[t]) <= tol * dW[t].norm()
         assert torch.allclose(M, U.T @ dW[t] @ V, atol=tol * dW[t].norm())
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ctm_core_space_is_lossless_and_diagonalises_hosvd(beta, dtype):
+    """CtM's weighted core space: Theorem 4.1 for every task, the β weights of the true
+    ‖ΔWₜ‖, and HOSVD factors equal to the leading coordinate vectors (so tucker2 may skip its
+    HOSVD eigendecompositions). A rank-deficient Aₜ (two equal rows) is included."""
+    As, Bs, s = lora_factors(4, ranks=[3, 5, 2, 4], norms=[1, 6, 2, 30], seed=3)
+    As[1][4] = As[1][0]
+    As, Bs = [a.to(dtype) for a in As], [b.to(dtype) for b in Bs]
+    dW = dense_updates(As, Bs, s)
+    cs, c = build_ctm_core_space(As, Bs, s, beta, dtype)
+    assert torch.allclose(c, beta_weights(torch.linalg.matrix_norm(dW), beta), rtol=1e-6)
+    U, V = cs.U_B().double(), cs.V_A().double()
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64), atol=tol * 10)
+    assert torch.allclose(V.T @ V, torch.eye(V.shape[1], dtype=torch.float64), atol=tol * 10)
+    for t, M in enumerate(cs.core_matrices()):
+        assert torch.linalg.norm(U @ M @ V.T - dW[t]) <= tol * dW[t].norm()
+    Pp, Qp = cs.padded()
+    P = c.view(-1, 1, 1) * Pp
+    for X, Y in ((P, Qp), (Qp, P)):  # mode-1 and mode-2 HOSVD Grams are diagonal, descending
+        G = _stacked_gram(X.unsqueeze(0), (Y.mT @ Y).unsqueeze(0))[0]
+        d = G.diagonal()
+        assert float((G - torch.diag(d)).norm()) <= 1e-10 * float(d.norm())
+        assert bool((d[:-1] >= d[1:] * (1 - 1e-9)).all())
+    fast = tucker2_batch(P.unsqueeze(0), Qp.unsqueeze(0), 4, tol=1e-14, hosvd_diagonal=True)[0]
+    ref = tucker2(P, Qp, 4, tol=1e-14)
+    assert fast.errors[0] == pytest.approx(ref.errors[0], abs=1e-12)
+    assert _chordal(fast.U, ref.U) < 1e-6 and _chordal(fast.V, ref.V) < 1e-6
 
 
 def test_core_space_drops_numerically_zero_directions():
