@@ -131,6 +131,30 @@ def _diagonal_blocks(G: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
     return out
 
 
+def _padded_index(ranks: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Position of each of the Σrₜ stacked columns in the (T · r_max) zero-padded layout."""
+    rmax = max(ranks)
+    return torch.cat([t * rmax + torch.arange(r, device=device) for t, r in enumerate(ranks)])
+
+
+def _congruence(G: torch.Tensor, R: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Mᵀ G M for M = blockdiag(Rₜ) (R: (T, r_max, r_max) zero-padded), blockwise."""
+    T, rmax, _ = R.shape
+    Gp = G.new_zeros(T * rmax, T * rmax)
+    Gp[idx.unsqueeze(1), idx] = G
+    G4 = Gp.view(T, rmax, T, rmax).transpose(1, 2)  # (s, t, a, b) = G[s-block, t-block]
+    H = (R.mT.unsqueeze(1) @ G4 @ R.unsqueeze(0)).transpose(1, 2).reshape(T * rmax, -1)
+    return H[idx.unsqueeze(1), idx]
+
+
+def _block_apply(R: torch.Tensor, X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """M X for M = blockdiag(Rₜ) (R: (T, r_max, r_max) zero-padded) and X: (Σrₜ × k)."""
+    T, rmax, _ = R.shape
+    Xp = X.new_zeros(T * rmax, X.shape[-1])
+    Xp[idx] = X
+    return (R @ Xp.view(T, rmax, -1)).reshape(T * rmax, -1)[idx]
+
+
 def beta_weights(norms: torch.Tensor, beta: float) -> torch.Tensor:
     """cₜ = λₜ/‖ΔWₜ‖ with λₜ = β‖ΔWₜ‖ + (1−β)·mean‖ΔW‖ (Eq. 3–4 of CtM).
 
@@ -169,11 +193,12 @@ def build_ctm_core_space(
     norms = (diag_B * diag_A).sum((-2, -1)).clamp_min(0).sqrt()
     c = beta_weights(norms, beta)
     root_A, root_B = c.view(-1, 1, 1) * psd_sqrt(diag_A), c.view(-1, 1, 1) * psd_sqrt(diag_B)
-    M_B = torch.block_diag(*[R[:k, :k] for R, k in zip(root_A, ranks)])
-    M_A = torch.block_diag(*[R[:k, :k] for R, k in zip(root_B, ranks)])
-    W_B, sig_B = eigh_basis(M_B.mT @ GB @ M_B, default_rtol(B_cat))
-    W_A, sig_A = eigh_basis(M_A.mT @ GA @ M_A, default_rtol(A_cat.mT))
-    coef_B, coef_A = M_B @ (W_B / sig_B), M_A @ (W_A / sig_A)
+    # M_B = blockdiag(root_Aₜ), M_A = blockdiag(root_Bₜ), applied block by block: O(T²r³)
+    idx = _padded_index(ranks, GB.device)
+    W_B, sig_B = eigh_basis(_congruence(GB, root_A, idx), default_rtol(B_cat))
+    W_A, sig_A = eigh_basis(_congruence(GA, root_B, idx), default_rtol(A_cat.mT))
+    coef_B = _block_apply(root_A, W_B / sig_B, idx)
+    coef_A = _block_apply(root_B, W_A / sig_A, idx)
     space = CoreSpace(
         B_cat=B_cat,
         A_cat=A_cat,

@@ -14,15 +14,19 @@ import torch
 F64 = torch.float64
 
 
+TINY = 512  # matrices up to this order run single-threaded (see tiny_cpu_ops)
+
+
 @contextlib.contextmanager
-def tiny_cpu_ops(device: torch.device) -> Iterator[None]:
+def tiny_cpu_ops(device: torch.device, size: int = 0) -> Iterator[None]:
     """Run a block of tiny CPU linear algebra on one thread, then restore the thread count.
 
     LAPACK/BLAS calls on (Σrₜ)-sized matrices take microseconds; with OpenMP they pay thread
     start-up and, on a busy machine, stall: a 32 × 32 ``eigh`` took 19 ms with 2 threads and
-    0.13 ms with 1 on a loaded 2-core box. Large GEMMs outside the block keep every thread.
+    0.13 ms with 1 on a loaded 2-core box. Large GEMMs outside the block keep every thread,
+    and so does a block whose matrices have order ``size`` > TINY (Σrₜ at large T).
     """
-    if device.type != "cpu" or torch.get_num_threads() == 1:
+    if device.type != "cpu" or torch.get_num_threads() == 1 or size > TINY:
         yield
         return
     saved = torch.get_num_threads()
@@ -82,7 +86,7 @@ def default_rtol(F: torch.Tensor) -> float:
 
 def eigh_basis(G: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, σ) with G = W diag(σ²) Wᵀ, σ descending, keeping σ > rtol·σ_max (G: PSD Gram)."""
-    with tiny_cpu_ops(G.device):
+    with tiny_cpu_ops(G.device, G.shape[-1]):
         evals, evecs = torch.linalg.eigh(G)
     evals, evecs = evals.flip(-1), evecs.flip(-1)
     sigma = evals.clamp_min(0).sqrt()
@@ -93,7 +97,7 @@ def eigh_basis(G: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor
 
 def psd_sqrt(G: torch.Tensor) -> torch.Tensor:
     """Symmetric square root of PSD matrices (batched): negative rounding clipped to 0."""
-    with tiny_cpu_ops(G.device):
+    with tiny_cpu_ops(G.device, G.shape[-1]):
         evals, evecs = torch.linalg.eigh(G)
     return (evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.mT
 

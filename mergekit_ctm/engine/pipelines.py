@@ -47,7 +47,7 @@ def _lift(
     info: dict,
 ) -> MergedLora:
     """λ·U C Vᵀ as balanced factors: B = U p√S, A = √S qᵀ Vᵀ from the SVD C = p S qᵀ."""
-    with tiny_cpu_ops(C.device):
+    with tiny_cpu_ops(C.device, max(C.shape[-2:])):
         Bc, Ac, S = balanced_svd_factors(lam * C, rank)
     B = U_left @ Bc.to(U_left.dtype)
     A = Ac.to(V_right.dtype) @ V_right.mT
@@ -71,7 +71,7 @@ def _ctm_finish(
     su, sv = canonical_signs(U), canonical_signs(V)
     U, V = U * su, V * sv
     Uc, Vc = sol.U * su.to(F64), sol.V * sv.to(F64)
-    with tiny_cpu_ops(Pp.device):
+    with tiny_cpu_ops(Pp.device, Pp.shape[-2]):
         O = (Uc.mT @ Pp) @ (Qp.mT @ Vc)  # (T, r, r): Oₜ = U_coreᵀ Mₜ V_core
         merged = _rule(O, base_rule, rule_params, seed)
     info = {

@@ -85,7 +85,7 @@ def _ritz_step(
     b, T, N1, _ = Pp.shape
     # Y = [Y₁ … Y_T] (b, N1, T·r), Yₜ = Xₜ V: G_U = Y Yᵀ, so each product is one GEMM
     Y = (Pp @ (Qp.mT @ V.unsqueeze(1))).permute(0, 2, 1, 3).reshape(b, N1, -1)
-    YtU = Y.mT @ U
+    YtU = (U.mT @ Y).mT  # Yᵀ U; this operand order is 2x faster at large N
     f = theta2 = torch.zeros(b, dtype=Y.dtype, device=Y.device)
     todo = None  # None: every item still iterating (no masking needed)
     for step in range(inner):
@@ -98,7 +98,7 @@ def _ritz_step(
             if not bool(todo.any()):
                 break
         K = torch.linalg.qr(torch.cat([U, GU], dim=-1)).Q
-        Z = Y.mT @ K  # (b, T·r, |K|)
+        Z = (K.mT @ Y).mT  # Yᵀ K (b, T·r, |K|)
         evals, W = torch.linalg.eigh(Z.mT @ Z)  # ascending; the top r in any order will do
         W, evals = W[..., -r:], evals[..., -r:]
         new = (K @ W, Z @ W, evals.sum(-1), (evals * evals).sum(-1))
@@ -148,7 +148,7 @@ def tucker2_batch(
     Batching only amortises per-call overhead: each problem stops on its own criterion and its
     U, V are frozen afterwards, so it runs the same sweeps as it would alone.
     """
-    with tiny_cpu_ops(P.device):
+    with tiny_cpu_ops(P.device, max(P.shape[-2], Q.shape[-2])):
         return _tucker2_batch(P, Q, rank, iters, tol, extrapolate, hosvd_diagonal)
 
 
