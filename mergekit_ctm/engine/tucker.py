@@ -8,7 +8,8 @@ which is what makes the solver cheap; the dense full-space variant is the specia
 Pₜ = Xₜ, Qₜ = I.
 
 * HOSVD (De Lathauwer 2000a): U₀ = top-r eigenvectors of Σₜ Xₜ Xₜᵀ = Σₜ Pₜ (QₜᵀQₜ) Pₜᵀ,
-  V₀ likewise — O(T·N·k² + T·N²·k + N³) = O(T³r³) in core space instead of O(T⁴r³).
+  V₀ likewise — O(T·N·k² + T·N²·k + N³) = O(T³r³) in core space instead of O(T⁴r³); free
+  (``hosvd_diagonal``) in CtM's weighted core basis, where both Grams are already diagonal.
 * HOOI (De Lathauwer 2000b) with the task mode fixed: alternately maximise f over U (V fixed)
   and over V. The exact U-update is the top-r eigenspace of G_U = Σₜ Yₜ Yₜᵀ, Yₜ = Pₜ(QₜᵀV).
   We never form G_U (N₁ × N₁): the eigenspace is found by Rayleigh–Ritz steps on
@@ -16,11 +17,15 @@ Pₜ = Xₜ, Qₜ = I.
   O(T³r³) of an SVD of the unfolding; near convergence one or two steps suffice. Since the old
   U lies in each search space, Ky Fan's maximum principle gives f(U_new, V) ≥ f(U_old, V): the
   objective is monotone. Steps repeat until U spans an invariant subspace (relative residual
-  0.1·√tol, 1e-6 at the default tol: 1.3–1.6 steps per half-sweep on Llama-shaped modules),
-  so the iteration is exact HOOI and follows the path of an SVD-based solver (tensorly's
-  ``partial_tucker``; chordal distance ~2e-6 at convergence). A single Ritz step per
+  0.1·√tol, 1e-6 at the default tol: 1.1–1.6 steps per half-sweep on Llama-shaped modules),
+  so each half-sweep is an exact HOOI update (with ``extrapolate=False`` the iteration follows
+  the path of an SVD-based solver, tensorly's ``partial_tucker``). A single Ritz step per
   half-sweep also converges, but on flat spectra it can settle at a different stationary point
   (one direction apart, objective within 1e-4), and so does a loose residual (1e-3).
+* Extrapolation (default): HOOI converges linearly, so each sweep after the second starts from
+  V extrapolated along the last sweep's step (``_extrapolate``); when that start loses
+  objective after the U-update, the U-update is redone from the plain V. f stays monotone and
+  the fixed points are HOOI's; 11 → 7 sweeps on the Llama benchmark, 182 → 40 on flat spectra.
 * Stopping: like tensorly, on the change of the relative error e = ‖X − X̂‖/‖X‖ between
   sweeps, |e_{k−1} − e_k| < tol, or after ``iters`` sweeps (one sweep = one U and one V update).
 * The returned U, V are rotated inside their spans to the eigenvectors of G_U(V), G_V(U), so
