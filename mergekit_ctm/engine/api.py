@@ -43,6 +43,27 @@ def _check_inputs(As, Bs, scalings) -> tuple[int, int]:
     return n, m
 
 
+def _all_zero(As, Bs, scalings) -> bool:
+    """Every ΔWₜ = sₜ Bₜ Aₜ is exactly zero (e.g. PEFT's untrained B = 0)."""
+    return all(
+        s == 0 or not bool(A.any()) or not bool(B.any()) for A, B, s in zip(As, Bs, scalings)
+    )
+
+
+def _zero_update(As, Bs, method: str, rank: int | None, dtype) -> MergedLora:
+    """The merge of updates that are all zero: rank 0 (B n × 0, A 0 × m)."""
+    n, m = Bs[0].shape[0], As[0].shape[1]
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = MergedLora(
+        A=As[0].new_zeros(0, m, dtype=dtype),
+        B=Bs[0].new_zeros(n, 0, dtype=dtype),
+        requested_rank=rank if rank is not None else 0,
+        info={"method": method, "zero_inputs": True},
+    )
+    out.info["note"] = "every input update is zero: the merged update is zero (rank 0)"
+    return out
+
+
 def _check_params(method, rank, beta, space, dtype) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
@@ -59,7 +80,7 @@ def _check_params(method, rank, beta, space, dtype) -> None:
 
 
 def _note_rank(out: MergedLora) -> MergedLora:
-    if out.rank_deficient:
+    if out.rank_deficient and "note" not in out.info:
         out.info["note"] = (
             f"only {out.rank} nonzero directions exist (requested {out.requested_rank}); "
             f"the output has rank {out.rank}, not padded with zeros"
@@ -109,6 +130,8 @@ def merge_lora(
     """
     _check_inputs(As, Bs, scalings)
     _check_params(method, rank, beta, space, dtype)
+    if _all_zero(As, Bs, scalings):
+        return _zero_update(As, Bs, method, rank, dtype)
     common = dict(base_rule=base_rule, rule_params=rule_params, lam=lam, seed=seed, dtype=dtype)
     if method == "ctm":
         out = pipelines.ctm(
@@ -171,9 +194,14 @@ def merge_lora_many(
         _check_params("ctm", p["rank"], p["beta"], "full", p["dtype"])
 
         def run(idx: range) -> list[MergedLora]:
-            mods = [modules[i] for i in idx]
+            live = [i for i in idx if not _all_zero(*modules[i])]
+            outs = pipelines.ctm_many([modules[i] for i in live], [seeds[i] for i in live], **p)
+            done = dict(zip(live, outs))
             return [
-                _note_rank(o) for o in pipelines.ctm_many(mods, seeds[idx.start : idx.stop], **p)
+                _note_rank(done[i])
+                if i in done
+                else _zero_update(modules[i][0], modules[i][1], "ctm", p["rank"], p["dtype"])
+                for i in idx
             ]
     else:
 

@@ -126,6 +126,8 @@ def balanced_svd_factors(
     smax = S[:1].clamp_min(torch.finfo(S.dtype).tiny)
     k = min(k, int((S > rtol * smax).sum()))
     P, S, Qh = P[:, :k], S[:k], Qh[:k]
+    if k == 0:  # C = 0 (e.g. updates that cancel): rank 0, nothing to sign
+        return P, Qh, S
     sign = canonical_signs(P)
     P, Qh = P * sign, Qh * sign.unsqueeze(-1)
     root = S.sqrt()

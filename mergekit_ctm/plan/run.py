@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -222,8 +223,15 @@ def _commit(tmp: str, out_path: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def model_card(plan: MergePlan, name: str, ranks: dict[str, int] | None = None) -> str:
-    """README.md with Hub front matter (base_model, library_name: peft, tags)."""
+def model_card(
+    plan: MergePlan,
+    name: str,
+    ranks: dict[str, int] | None = None,
+    zero: Sequence[str] = (),
+) -> str:
+    """README.md with Hub front matter (base_model, library_name: peft, tags).
+
+    ``zero``: modules whose merged update is zero (left out of the adapter)."""
     meta: dict[str, Any] = {}
     if plan.base_model:
         meta["base_model"] = plan.base_model
@@ -253,6 +261,12 @@ def model_card(plan: MergePlan, name: str, ranks: dict[str, int] | None = None) 
     if ranks:
         out = sorted(set(ranks.values()))
         lines += ["", f"Output rank: {', '.join(map(str, out))} over {len(ranks)} modules."]
+    if zero:
+        lines += [
+            "",
+            f"Left out, their merged update is zero (every input's is, or they cancel): "
+            f"{', '.join(f'`{m}`' for m in zero)}.",
+        ]
     lines += [
         "",
         "## Configuration",
@@ -265,9 +279,11 @@ def model_card(plan: MergePlan, name: str, ranks: dict[str, int] | None = None) 
     return "\n".join(lines)
 
 
-def _write_metadata(plan: MergePlan, out: str, name: str, ranks: dict[str, int] | None) -> None:
+def _write_metadata(plan: MergePlan, out: str, name: str, result: dict[str, Any]) -> None:
+    ranks = result.get("ranks")
+    zero = [m for m in result.get("requested", {}) if m not in (ranks or {})]
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(plan, name, ranks))
+        f.write(model_card(plan, name, ranks, zero))
     with open(os.path.join(out, "mergekit_config.yml"), "w", encoding="utf-8") as f:
         f.write(plan.recipe_text)
 
@@ -312,9 +328,7 @@ def execute_plan(plan: MergePlan, out_path: str, options: MergeOptions) -> dict[
         if plan.output == "model":
             _copy_model_files(plan, tmp)
         if options.write_model_card:
-            _write_metadata(
-                plan, tmp, os.path.basename(os.path.abspath(out_path)), result.get("ranks")
-            )
+            _write_metadata(plan, tmp, os.path.basename(os.path.abspath(out_path)), result)
         _commit(tmp, out_path)
         return result
     except BaseException:

@@ -270,6 +270,13 @@ class FinalizeAdapter(Task[dict]):
         produced = [kwargs[f"rank_{i}"] for i in range(len(self.rank_tasks))]
         ranks = {m: k for m, k, _ in produced if k > 0}
         requested = {m: r for m, _, r in produced}
+        if not ranks:
+            from mergekit_ctm.recipe import RecipeError
+
+            raise RecipeError(
+                "every module's merged update is zero (the adapters' updates are all zero, or "
+                "they cancel): there is no LoRA to write"
+            )
         r = self.rank if self.rank is not None else max(ranks.values())
         config = build_adapter_config(
             ranks,

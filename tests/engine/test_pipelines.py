@@ -325,6 +325,38 @@ def test_bad_inputs_raise_clear_errors():
         merge_lora(As, Bs, s, base_rule="tiez")
 
 
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("ctm", {}),
+        ("core_space", {"rank": None}),
+        ("mtc", {"space": "full"}),
+        ("mtc", {"space": "knots"}),
+        ("mtc", {"space": "core"}),
+        ("lora_lego", {}),
+    ],
+)
+def test_all_zero_updates_merge_to_rank_zero(method, kw):
+    """PEFT initialises lora_B to zero: untrained adapters have ΔW = 0 exactly."""
+    As, Bs, s = lora_factors(3, ranks=[4, 2, 3])
+    Bs = [torch.zeros_like(B) for B in Bs]
+    out = merge_lora(As, Bs, s, method=method, **({"rank": 4} | kw))
+    assert out.rank == 0 and out.A.shape == (0, 32) and out.B.shape == (40, 0)
+    assert "zero" in out.info["note"] and not out.delta().any()
+
+
+def test_cancelling_updates_merge_to_rank_zero():
+    """Task negation of an identical adapter: the merged coordinates are zero, rank 0."""
+    As, Bs, s = lora_factors(1, ranks=4)
+    kw = dict(base_rule="task_arithmetic", rule_params={"weight": [1.0, -1.0]}, rank=4)
+    for method in ("ctm", "mtc"):
+        out = merge_lora(As * 2, Bs * 2, s * 2, method=method, dtype=torch.float64, **kw)
+        assert out.rank == 0 and "only 0 nonzero directions" in out.info["note"]
+    mods = [(As * 2, [torch.zeros_like(Bs[0])] * 2, s * 2), lora_factors(2, ranks=3)]
+    zero, live = merge_lora_many(mods, method="ctm", rank=3)
+    assert zero.rank == 0 and live.rank == 3
+
+
 def test_zero_update_does_not_break_reweighting():
     As, Bs, s = lora_factors(3, ranks=3)
     Bs[1] = torch.zeros_like(Bs[1])
