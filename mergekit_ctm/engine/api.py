@@ -156,7 +156,7 @@ def merge_lora(
     return _note_rank(out)
 
 
-CHUNK = 4  # modules per batched solve: larger batches gain nothing (LAPACK loops anyway)
+MAX_CHUNK = 16  # modules per batched solve; larger batches hold the GIL less per module
 _CTM_PARAMS = ("rank", "beta", "base_rule", "rule_params", "hooi_iters", "hooi_tol", "lam", "dtype")
 
 
@@ -170,8 +170,9 @@ def merge_lora_many(
 ) -> list[MergedLora]:
     """``merge_lora`` over many modules (each an (As, Bs, scalings) triple), same parameters.
 
-    Modules go in chunks of ``CHUNK``; for ``ctm`` a chunk's core problems of equal shape are
-    solved as one batch, which amortises the per-call overhead of the many tiny HOOI steps.
+    Modules go in chunks (≤ ``MAX_CHUNK``, at least two per worker); for ``ctm`` a chunk's core
+    problems of equal shape are solved as one batch, which amortises the per-call overhead of
+    the many tiny HOOI steps.
     ``workers`` threads merge chunks concurrently, each on one intra-op thread (default: the
     torch thread count for CPU inputs, 1 on CUDA): the tiny core problems are sequential
     LAPACK calls, so this is how they use several cores. Any worker count above 1 gives the
@@ -208,10 +209,11 @@ def merge_lora_many(
         def run(idx: range) -> list[MergedLora]:
             return [merge_lora(*modules[i], method=method, seed=seeds[i], **params) for i in idx]
 
-    chunks = [range(i, min(i + CHUNK, len(modules))) for i in range(0, len(modules), CHUNK)]
     on_cpu = all(t.device.type == "cpu" for As, Bs, _ in modules for t in (*As, *Bs))
     if workers is None:
         workers = torch.get_num_threads() if on_cpu else 1
+    size = min(MAX_CHUNK, max(1, -(-len(modules) // (2 * max(workers, 1)))))
+    chunks = [range(i, min(i + size, len(modules))) for i in range(0, len(modules), size)]
     workers = max(1, min(workers, len(chunks)))
     if workers == 1:
         return [o for idx in chunks for o in run(idx)]
