@@ -50,3 +50,21 @@ def test_cuda_full_model_output(example, tmp_path):
     for k in cpu:  # W + ΔW: ΔW agrees to float32 rounding of the merge, relative to its scale
         err = float((gpu[k].double() - cpu[k].double()).abs().max())
         assert err <= 1e-4 * float(cpu[k].abs().max()), f"{k}: max |Δ| {err:.3g}"
+
+
+def test_cuda_random_rule_deterministic(example, tmp_path):
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        example,
+        "ctm",
+        parameters={"base_rule": "dare_ties", "rank": 4},
+        per_adapter={"weight": 1.0, "density": 0.7},
+    )
+    blobs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        run_cli(
+            tool("mergekit-yaml"), str(recipe), str(out), "--cuda", "--random-seed", "3", "--quiet"
+        )
+        blobs.append((out / "adapter_model.safetensors").read_bytes())
+    assert blobs[0] == blobs[1]
