@@ -121,28 +121,22 @@ def build_core_space(
     )
 
 
-def _diagonal_blocks(G: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
-    """The diagonal blocks G[b, b] of a Gram matrix, zero-padded to (T, r_max, r_max)."""
-    rmax = max(b.stop - b.start for b in blocks)
-    out = G.new_zeros(len(blocks), rmax, rmax)
-    for t, b in enumerate(blocks):
-        k = b.stop - b.start
-        out[t, :k, :k] = G[b, b]
-    return out
-
-
 def _padded_index(ranks: Sequence[int], device: torch.device) -> torch.Tensor:
     """Position of each of the Σrₜ stacked columns in the (T · r_max) zero-padded layout."""
     rmax = max(ranks)
     return torch.cat([t * rmax + torch.arange(r, device=device) for t, r in enumerate(ranks)])
 
 
-def _congruence(G: torch.Tensor, R: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Mᵀ G M for M = blockdiag(Rₜ) (R: (T, r_max, r_max) zero-padded), blockwise."""
-    T, rmax, _ = R.shape
+def _block_view(G: torch.Tensor, idx: torch.Tensor, T: int, rmax: int) -> torch.Tensor:
+    """G (Σrₜ × Σrₜ) zero-padded into blocks: (s, t, a, b) = G[s-block, t-block][a, b]."""
     Gp = G.new_zeros(T * rmax, T * rmax)
     Gp[idx.unsqueeze(1), idx] = G
-    G4 = Gp.view(T, rmax, T, rmax).transpose(1, 2)  # (s, t, a, b) = G[s-block, t-block]
+    return Gp.view(T, rmax, T, rmax).transpose(1, 2)
+
+
+def _congruence(G4: torch.Tensor, R: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Mᵀ G M for M = blockdiag(Rₜ) (R: (T, r_max, r_max) zero-padded), blockwise."""
+    T, rmax, _ = R.shape
     H = (R.mT.unsqueeze(1) @ G4 @ R.unsqueeze(0)).transpose(1, 2).reshape(T * rmax, -1)
     return H[idx.unsqueeze(1), idx]
 
@@ -187,16 +181,17 @@ def build_ctm_core_space(
     B_cat, A_cat = _stack(As, Bs, scalings, dtype)
     ranks = tuple(int(A.shape[0]) for A in As)
     GB, GA = gram64(B_cat), gram64(A_cat.mT)
-    ends = torch.tensor(ranks).cumsum(0).tolist()
-    blocks = [slice(e - r, e) for e, r in zip(ends, ranks)]
-    diag_B, diag_A = _diagonal_blocks(GB, blocks), _diagonal_blocks(GA, blocks)  # (T, r, r)
+    T, rmax = len(ranks), max(ranks)
+    idx = _padded_index(ranks, GB.device)
+    GB4, GA4 = _block_view(GB, idx, T, rmax), _block_view(GA, idx, T, rmax)
+    diag_B = GB4.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # (T, r_max, r_max): B̃ₜᵀB̃ₜ
+    diag_A = GA4.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # AₜAₜᵀ
     norms = (diag_B * diag_A).sum((-2, -1)).clamp_min(0).sqrt()
     c = beta_weights(norms, beta)
     root_A, root_B = c.view(-1, 1, 1) * psd_sqrt(diag_A), c.view(-1, 1, 1) * psd_sqrt(diag_B)
     # M_B = blockdiag(root_Aₜ), M_A = blockdiag(root_Bₜ), applied block by block: O(T²r³)
-    idx = _padded_index(ranks, GB.device)
-    W_B, sig_B = eigh_basis(_congruence(GB, root_A, idx), default_rtol(B_cat))
-    W_A, sig_A = eigh_basis(_congruence(GA, root_B, idx), default_rtol(A_cat.mT))
+    W_B, sig_B = eigh_basis(_congruence(GB4, root_A, idx), default_rtol(B_cat))
+    W_A, sig_A = eigh_basis(_congruence(GA4, root_B, idx), default_rtol(A_cat.mT))
     coef_B = _block_apply(root_A, W_B / sig_B, idx)
     coef_A = _block_apply(root_B, W_A / sig_A, idx)
     space = CoreSpace(
