@@ -11,6 +11,8 @@ two mergekit modules and runs our code right after each has executed:
 - ``mergekit.merge``: wrap ``run_merge`` so recipes using our methods go to our planner.
   ``mergekit/scripts/run_yaml.py`` does ``from mergekit.merge import run_merge``, so the wrap
   must be in place before that module body returns.
+- ``mergekit.scripts.run_yaml``: wrap the ``mergekit-yaml`` command so that bad recipes and
+  failed merges end in one line instead of a traceback.
 
 ``MERGEKIT_CTM_DISABLE=1`` turns the startup hook off (``import mergekit_ctm`` still works).
 A failure in our code is reported as a warning and never breaks mergekit itself.
@@ -40,9 +42,16 @@ def _on_merge(module: Any) -> None:
     wrap_run_merge(module)
 
 
+def _on_run_yaml(module: Any) -> None:
+    from mergekit_ctm.plan.dispatch import wrap_run_yaml
+
+    wrap_run_yaml(module)
+
+
 _CALLBACKS: dict[str, Callable[[Any], None]] = {
     "mergekit.merge_methods": _on_merge_methods,
     "mergekit.merge": _on_merge,
+    "mergekit.scripts.run_yaml": _on_run_yaml,
 }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from mergekit_ctm.errors import InputError
 
-class AdapterError(ValueError):
+
+class AdapterError(InputError):
     """A PEFT adapter cannot be read, or is not supported.
 
     The message names the adapter (path or hub id), the module or field at fault, and the fix.

@@ -8,17 +8,23 @@ mergekit-ctm reference [-o docs/reference.md]
 
 from __future__ import annotations
 
-import sys
-
 import click
 from mergekit.options import MergeOptions, add_merge_options
 
 import mergekit_ctm  # noqa: F401  (registers the methods)
+from mergekit_ctm.errors import one_line_errors
+
+PROG = "mergekit-ctm"
 
 
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+def _read(recipe: str) -> str:
+    from mergekit_ctm.recipe import RecipeError
+
+    try:
+        with open(recipe, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {recipe!r} is not UTF-8 text ({exc.reason})") from None
 
 
 @click.group(help="Merge many PEFT LoRA adapters into one low-rank LoRA (mergekit plugin).")
@@ -34,15 +40,13 @@ def main() -> None:
 @add_merge_options
 def merge_cmd(merge_options: MergeOptions, recipe: str, out_path: str) -> None:
     from mergekit_ctm.plan.run import run_adapter_merge
-    from mergekit_ctm.recipe import RecipeError
 
     merge_options.apply_global_options()
-    with open(recipe, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        result = run_adapter_merge(text, out_path, merge_options, config_source=text)
-    except RecipeError as exc:
-        _fail(exc)
+    with one_line_errors(PROG):
+        text = _read(recipe)
+        result = run_adapter_merge(
+            text, out_path, merge_options, config_source=text, recipe_path=recipe
+        )
     if not merge_options.quiet:
         ranks = result.get("ranks") or {}
         click.echo(f"wrote {out_path}" + (f" ({len(ranks)} modules)" if ranks else ""))
@@ -53,15 +57,11 @@ def merge_cmd(merge_options: MergeOptions, recipe: str, out_path: str) -> None:
 @click.option("--random-seed", type=int, default=None, help="seed used for per-module seeds")
 def validate_cmd(recipe: str, random_seed: int | None) -> None:
     from mergekit_ctm.cli.report import describe_plan
-    from mergekit_ctm.recipe import RecipeError, build_plan
+    from mergekit_ctm.recipe import build_plan
 
-    with open(recipe, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        plan = build_plan(text, random_seed=random_seed)
-    except RecipeError as exc:
-        _fail(exc)
-    click.echo(describe_plan(plan))
+    with one_line_errors(PROG):
+        plan = build_plan(_read(recipe), random_seed=random_seed)
+        click.echo(describe_plan(plan))
 
 
 @main.command(
@@ -73,19 +73,16 @@ def validate_cmd(recipe: str, random_seed: int | None) -> None:
 @click.option("--inputs", "inputs", multiple=True, required=True, help="input adapters (repeat)")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="bar chart PNG")
 def inspect_cmd(out_path: str, inputs: tuple[str, ...], plot: str | None) -> None:
-    from mergekit_ctm.adapters import AdapterError
     from mergekit_ctm.cli.report import energy_retention, format_retention, plot_retention
 
     # click's `multiple` needs --inputs before each value; also accept `--inputs A B C`.
     extra = list(click.get_current_context().args)
-    try:
+    with one_line_errors(PROG):
         table = energy_retention(out_path, list(inputs) + extra)
-    except AdapterError as exc:
-        _fail(exc)
-    click.echo(format_retention(table))
-    if plot:
-        plot_retention(table, plot)
-        click.echo(f"wrote {plot}")
+        click.echo(format_retention(table))
+        if plot:
+            plot_retention(table, plot)
+            click.echo(f"wrote {plot}")
 
 
 @main.command("reference", help="Print (or write) docs/reference.md from the registered specs.")

@@ -123,6 +123,13 @@ def energy_retention(out_path: str, inputs: Sequence[str]) -> Retention:
         for name in info.modules:
             if name not in merged.modules:
                 continue
+            got, want = info.modules[name].delta_shape, merged.modules[name].delta_shape
+            if got != want:
+                raise AdapterError(
+                    f"input adapter {info.ref!r}, module {name}: ΔW is {got[0]} × {got[1]} but "
+                    f"the merged adapter {out_path!r} has {want[0]} × {want[1]}; pass the "
+                    "adapters this merge was made from"
+                )
             am, bm, sm = load_factors(merged, name, dtype=torch.float64)
             a, b, s = load_factors(info, name, dtype=torch.float64)
             rows[name] = retention_ratio(am * sm, bm, a, b, s)

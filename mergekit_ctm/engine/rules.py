@@ -69,6 +69,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskAr
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked_tensor, sparsify
 
 from mergekit_ctm.engine import matrix_rules
+from mergekit_ctm.errors import InputError
 
 __all__ = [
     "RuleError",
@@ -84,7 +85,7 @@ __all__ = [
 FLAT_SPECTRUM_RULES = ("iso_c", "iso_cts")  # outputs with equal singular values
 
 
-class RuleError(ValueError):
+class RuleError(InputError):
     """Unknown rule, or a rule parameter that is unknown or invalid."""
 
 

@@ -2,12 +2,18 @@
 
 ``mergekit.merge.run_merge`` is replaced by a wrapper at the moment ``mergekit.merge`` finishes
 executing (startup hook) or when ``mergekit_ctm`` is imported, whichever comes first. The
-original stays reachable as ``run_merge.__mergekit_ctm_original__``.
+original stays reachable as ``run_merge.__mergekit_ctm_original__``. The wrapper passes every
+argument through untouched (``*args, **kwargs``), so a new mergekit keyword never breaks it.
+
+``mergekit-yaml``'s command callback is wrapped too, so a recipe that is not YAML, not a
+mapping, names an unknown method, or fails anywhere in our planner ends in one line (exit 2
+for bad input, 1 for an OS error) instead of a traceback (``errors.one_line_errors``).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from typing import Any
@@ -19,7 +25,18 @@ _MARK = "__mergekit_ctm_original__"
 
 def is_adapter_recipe(merge_config: Any) -> bool:
     """True when the recipe names an adapter-merging method (ctm, core_space, mtc, lora_lego)."""
+    if isinstance(merge_config, dict):
+        return merge_config.get("merge_method") in METHOD_NAMES
     return getattr(merge_config, "merge_method", None) in METHOD_NAMES
+
+
+def _recipe_path_from_click() -> str | None:
+    """The recipe file of the running mergekit command (its ``config_file`` argument)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    path = ctx.params.get("config_file") if ctx is not None else None
+    return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
 def wrap_run_merge(module: Any) -> None:
@@ -27,38 +44,92 @@ def wrap_run_merge(module: Any) -> None:
     original = module.run_merge
     if hasattr(original, _MARK):
         return
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def run_merge(merge_config, out_path, options, config_source=None):
-        if is_adapter_recipe(merge_config):
-            from mergekit_ctm.adapters import AdapterError
-            from mergekit_ctm.engine.rules import RuleError
-            from mergekit_ctm.plan.run import run_adapter_merge
-            from mergekit_ctm.recipe import RecipeError
+    def run_merge(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        merge_config = bound.arguments.get("merge_config")
+        if not is_adapter_recipe(merge_config):
+            return original(*args, **kwargs)
+        from mergekit_ctm.plan.run import run_adapter_merge
 
-            try:
-                return run_adapter_merge(
-                    merge_config, out_path, options=options, config_source=config_source
-                )
-            except (RecipeError, AdapterError, RuleError) as exc:
-                if os.path.basename(sys.argv[0]) != "mergekit-yaml":
-                    raise
-                # A bad recipe or adapter is the user's to fix: say what, not a traceback.
-                print(f"mergekit-yaml: error: {exc}", file=sys.stderr)
-                raise SystemExit(2) from None
-        return original(merge_config, out_path, options, config_source=config_source)
+        return run_adapter_merge(
+            merge_config,
+            bound.arguments["out_path"],
+            options=bound.arguments.get("options"),
+            config_source=bound.arguments.get("config_source"),
+            recipe_path=_recipe_path_from_click(),
+        )
 
     setattr(run_merge, _MARK, original)
     module.run_merge = run_merge
     # Modules that bound the name before we got here (imported mergekit before mergekit_ctm).
-    for name in ("mergekit.scripts.run_yaml", "mergekit.merge_methods.api"):
+    for name in ("mergekit.scripts.run_yaml", "mergekit.scripts.multimerge"):
         other = sys.modules.get(name)
         if other is not None and getattr(other, "run_merge", None) is original:
             other.run_merge = run_merge
 
 
-def install_dispatch() -> None:
-    """Wrap run_merge now if mergekit.merge is loaded; otherwise the import hook will."""
-    import mergekit_ctm_hook
+def check_recipe_text(text: str, where: str) -> None:
+    """Refuse, with one clear line, a recipe mergekit cannot parse: bad YAML, empty, not a
+    mapping, an unknown ``merge_method`` (nearest name suggested), or (for our methods) any
+    structural error our strict model finds. Valid recipes of any method pass untouched."""
+    from mergekit.merge_methods import registry
 
-    mergekit_ctm_hook.install()
+    from mergekit_ctm.recipe.model import RecipeError, load_yaml, parse_recipe, suggest
+
+    raw = load_yaml(text, where)
+    if raw is None:
+        raise RecipeError(f"{where}: the recipe is empty; see recipes/ for examples")
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    method = raw.get("merge_method")
+    known = sorted(m.spec.name for m in registry.registered_methods())
+    if isinstance(method, str) and method not in known:
+        raise RecipeError(
+            f"{where}: merge_method {method!r} is not a registered method"
+            f"{suggest(method, known)}; adapter merges use one of {', '.join(METHOD_NAMES)}"
+        )
+    if method in METHOD_NAMES:
+        parse_recipe(raw)
+
+
+def wrap_run_yaml(module: Any) -> None:
+    """Make ``mergekit-yaml`` (mergekit.scripts.run_yaml.main) fail in one line (idempotent)."""
+    command = module.main
+    original = command.callback
+    if hasattr(original, _MARK):
+        return
+
+    @functools.wraps(original)
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        import pydantic
+
+        from mergekit_ctm.errors import one_line_errors
+
+        path = kwargs.get("config_file")
+        with one_line_errors("mergekit-yaml"):
+            if isinstance(path, str):
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError) as exc:
+                    from mergekit_ctm.recipe.model import RecipeError
+
+                    raise RecipeError(f"cannot read recipe {path!r}: {exc}") from None
+                check_recipe_text(text, path)
+            try:
+                return original(*args, **kwargs)
+            except pydantic.ValidationError as exc:
+                from mergekit_ctm.recipe.model import RecipeError
+
+                first = exc.errors()[0]
+                loc = ".".join(str(p) for p in first.get("loc", ())) or "recipe"
+                raise RecipeError(
+                    f"{path}: invalid recipe: {loc}: {first.get('msg')}"
+                    + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")
+                ) from None
+
+    setattr(callback, _MARK, original)
+    command.callback = callback

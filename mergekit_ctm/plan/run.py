@@ -1,12 +1,11 @@
-"""Plan and run an adapter merge on mergekit's Executor; write into a temporary sibling
-directory that is renamed into place only when everything succeeded."""
+"""Plan and run an adapter merge on mergekit's Executor; stage the files and install them
+into the output directory only when everything succeeded (:mod:`mergekit_ctm.plan.output`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +15,8 @@ from mergekit.graph import Executor, Task
 from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
 from mergekit.options import MergeOptions
 
+from mergekit_ctm.plan import output
+from mergekit_ctm.plan.output import check_output_path
 from mergekit_ctm.plan.tasks import (
     ApplyDelta,
     FinalizeAdapter,
@@ -196,33 +197,6 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
     return [*saves, FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
 
 
-def _temp_sibling(out_path: str) -> str:
-    out_path = os.path.abspath(out_path)
-    parent = os.path.dirname(out_path) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.tmp-", dir=parent)
-
-
-def _commit(tmp: str, out_path: str) -> None:
-    """Move the finished output into place; an existing directory is replaced only now."""
-    out_path = os.path.abspath(out_path)
-    old = None
-    if os.path.lexists(out_path):
-        old = tempfile.mkdtemp(
-            prefix=f".{os.path.basename(out_path)}.old-", dir=os.path.dirname(out_path)
-        )
-        os.rmdir(old)
-        os.rename(out_path, old)
-    try:
-        os.rename(tmp, out_path)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out_path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def model_card(
     plan: MergePlan,
     name: str,
@@ -304,14 +278,26 @@ def _copy_model_files(plan: MergePlan, out: str) -> None:
             shutil.copy(src, os.path.join(out, fname))
 
 
-def execute_plan(plan: MergePlan, out_path: str, options: MergeOptions) -> dict[str, Any]:
-    """Run a validated plan; output appears at ``out_path`` only on success."""
-    if os.path.exists(out_path) and not os.path.isdir(out_path):
-        from mergekit_ctm.recipe import RecipeError
+def plan_inputs(plan: MergePlan, recipe_path: str | None = None) -> list[tuple[str, str]]:
+    """(what, local path) of everything the merge reads: the output may not overwrite them."""
+    inputs = [(f"input adapter models[{i}]", a.path) for i, a in enumerate(plan.adapters)]
+    bases = {plan.base_model, *(a.base_ref for a in plan.adapters)}
+    inputs += [("base model", b) for b in sorted(b for b in bases if b and os.path.isdir(b))]
+    if recipe_path:
+        inputs.append(("recipe", recipe_path))
+    return inputs
 
-        raise RecipeError(f"output path {out_path!r} exists and is not a directory")
-    tmp = _temp_sibling(out_path)
+
+def execute_plan(
+    plan: MergePlan, out_path: str, options: MergeOptions, recipe_path: str | None = None
+) -> dict[str, Any]:
+    """Run a validated plan; its files appear in ``out_path`` only on success (plan/output.py:
+    a new directory appears whole, an existing one gets only our files, each replaced
+    atomically)."""
+    check_output_path(out_path, plan_inputs(plan, recipe_path))
+    stage = output.stage(out_path)
     try:
+        tmp = stage.path
         if plan.output == "adapter":
             targets = plan_adapter_tasks(plan, tmp, options)
         else:
@@ -329,10 +315,10 @@ def execute_plan(plan: MergePlan, out_path: str, options: MergeOptions) -> dict[
             _copy_model_files(plan, tmp)
         if options.write_model_card:
             _write_metadata(plan, tmp, os.path.basename(os.path.abspath(out_path)), result)
-        _commit(tmp, out_path)
+        result["files"] = stage.commit()
         return result
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        stage.discard()
         raise
 
 
@@ -341,11 +327,13 @@ def run_adapter_merge(
     out_path: str,
     options: MergeOptions | None = None,
     config_source: str | None = None,
+    recipe_path: str | None = None,
 ) -> dict[str, Any]:
     """Entry point behind ``run_merge``: validate everything, then plan and execute.
 
     merge_config: mergekit MergeConfiguration, a recipe dict, or YAML text. ``config_source``
     (the raw YAML) takes precedence, since MergeConfiguration drops keys such as ``output``.
+    ``recipe_path``: the recipe file, which the output may not overwrite.
     """
     options = options or MergeOptions()
     plan = build_plan(
@@ -353,4 +341,4 @@ def run_adapter_merge(
         random_seed=options.random_seed,
         cache_dir=options.transformers_cache,
     )
-    return execute_plan(plan, out_path, options)
+    return execute_plan(plan, out_path, options, recipe_path=recipe_path)

@@ -13,10 +13,12 @@ import yaml
 from mergekit.config import ParameterSetting
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mergekit_ctm.errors import InputError
+
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """An invalid recipe or adapter; the message names the field, adapter or module and the fix."""
 
 
@@ -107,13 +109,21 @@ def _format_error(err: dict[str, Any], raw: Any) -> str:
     return f"{path}: {err.get('msg')} (got {err.get('input')!r})"
 
 
+def load_yaml(text: str, where: str = "recipe") -> Any:
+    """Safe-load recipe YAML; a syntax error becomes one RecipeError line with its position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{where}: not valid YAML{at}: {problem}") from None
+
+
 def parse_recipe(source: str | dict[str, Any]) -> Recipe:
     """YAML text or a dict -> Recipe; raises RecipeError naming every bad field."""
     if isinstance(source, str):
-        try:
-            raw = yaml.safe_load(source)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe is not valid YAML: {exc}") from None
+        raw = load_yaml(source)
     else:
         raw = source
     if not isinstance(raw, dict):
