@@ -273,7 +273,9 @@ def resolve_adapter_path(ref: Any, *, cache_dir: str | None = None) -> tuple[str
             f"adapter {ref_str!r}: {path!r} is a file; pass the adapter directory that holds "
             f"{CONFIG_NAME} and {SAFETENSORS_NAME}."
         )
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+    # 'adapters/x' has a hub id's shape, but when 'adapters/' is a local folder it is a path.
+    local_parent = os.path.isdir(path.split("/", 1)[0])
+    if path.startswith((".", "/", "~")) or path.count("/") != 1 or local_parent:
         raise AdapterError(
             f"adapter {ref_str!r}: directory {path!r} does not exist (and it is not a hub id "
             "owner/name). Check the path."
@@ -288,10 +290,11 @@ def resolve_adapter_path(ref: Any, *, cache_dir: str | None = None) -> tuple[str
             allow_patterns=list(HUB_ALLOW_PATTERNS),
         )
     except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
         raise AdapterError(
             f"adapter {ref_str!r}: not a local directory, and downloading it from the Hugging "
-            f"Face hub failed ({type(e).__name__}: {e}). Check the id and your network, or "
-            "pass a local adapter directory."
+            f"Face hub failed ({type(e).__name__}: {reason}). Check the id and your network, "
+            "or pass a local adapter directory."
         ) from e
     return ref_str, local, base_ref
 

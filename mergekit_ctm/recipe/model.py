@@ -109,6 +109,13 @@ def _format_error(err: dict[str, Any], raw: Any) -> str:
     return f"{path}: {err.get('msg')} (got {err.get('input')!r})"
 
 
+def join_errors(head: str, errors: list[str]) -> str:
+    """One line for one error; a head line and an indented list for several."""
+    if len(errors) == 1:
+        return f"{head}: {errors[0]}"
+    return f"{head}:\n  " + "\n  ".join(errors)
+
+
 def load_yaml(text: str, where: str = "recipe") -> Any:
     """Safe-load recipe YAML; a syntax error becomes one RecipeError line with its position."""
     try:
@@ -135,7 +142,7 @@ def parse_recipe(source: str | dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         lines = [_format_error(e, raw) for e in exc.errors()]
-        raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
+        raise RecipeError(join_errors("invalid recipe", lines)) from None
     if recipe.tokenizer_source not in (None, "base"):
         raise RecipeError(
             f"tokenizer_source: {recipe.tokenizer_source!r} is not supported for adapter merges; "

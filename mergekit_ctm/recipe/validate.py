@@ -26,7 +26,7 @@ from mergekit_ctm.adapters.peft_lora import AdapterInfo, read_adapter
 from mergekit_ctm.engine import rules as rules_mod
 from mergekit_ctm.engine.rules import RuleError, rule_names
 from mergekit_ctm.plan import specs
-from mergekit_ctm.recipe.model import Recipe, RecipeError, parse_recipe, suggest
+from mergekit_ctm.recipe.model import Recipe, RecipeError, join_errors, parse_recipe, suggest
 
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -181,7 +181,7 @@ def _check_parameter_names(recipe: Recipe, method: str, rule: str | None) -> Non
             else:
                 errors.append(unknown(name, where, sorted(per_input)))
     if errors:
-        raise RecipeError("invalid recipe parameters:\n  " + "\n  ".join(errors))
+        raise RecipeError(join_errors("invalid recipe parameters", errors))
 
 
 def _all_rule_parameter_names() -> set[str]:
@@ -213,7 +213,7 @@ def _read_adapters(recipe: Recipe, cache_dir: str | None) -> tuple[AdapterInfo, 
         except AdapterError as exc:
             errors.append(f"models[{i}]: {exc}")
     if errors:
-        raise RecipeError("cannot read adapter(s):\n  " + "\n  ".join(errors))
+        raise RecipeError(join_errors("cannot read adapter(s)", errors))
     return tuple(infos)
 
 
