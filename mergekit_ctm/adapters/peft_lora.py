@@ -302,6 +302,22 @@ def resolve_adapter_path(ref: Any, *, cache_dir: str | None = None) -> tuple[str
 # --------------------------------------------------------------------------- headers
 
 
+def _valid_entry(meta: Any) -> bool:
+    """A header entry as safetensors writes it: known dtype, int shape, ordered offsets."""
+    if not isinstance(meta, dict) or meta.get("dtype") not in _DTYPE_BYTES:
+        return False
+    shape, offsets = meta.get("shape"), meta.get("data_offsets")
+    ints = (
+        isinstance(shape, list)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(v) is int and v >= 0 for v in [*shape, *offsets])
+    )
+    if not ints or offsets[0] > offsets[1]:
+        return False
+    return offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BYTES[meta["dtype"]]
+
+
 def read_safetensors_header(path: str, *, what: str = "") -> dict[str, dict[str, Any]]:
     """Tensor key -> {"dtype", "shape"} from a safetensors header (no tensor data read)."""
     try:
@@ -319,10 +335,20 @@ def read_safetensors_header(path: str, *, what: str = "") -> dict[str, dict[str,
             f"{what}{path}: not a readable safetensors file ({e}). Re-save the adapter with "
             "PeftModel.save_pretrained."
         ) from e
+    if not isinstance(header, dict):
+        raise AdapterError(
+            f"{what}{path}: the safetensors header is not a JSON object. Re-save the adapter "
+            "with PeftModel.save_pretrained."
+        )
     out: dict[str, dict[str, Any]] = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
+        if not _valid_entry(meta):
+            raise AdapterError(
+                f"{what}{path}: tensor {key!r} has a malformed safetensors header entry "
+                f"({str(meta)[:80]}); the file is corrupt. Save or download the adapter again."
+            )
         begin, end = meta["data_offsets"]
         if 8 + n + end > size:
             raise AdapterError(

@@ -93,6 +93,31 @@ def check_recipe_text(text: str, where: str) -> None:
         )
     if method in METHOD_NAMES:
         parse_recipe(raw)
+    elif adapters := _plain_adapter_refs(raw):
+        where_, ref = adapters[0]
+        raise RecipeError(
+            f"{where}: merge_method {method!r} merges full models, but {where_} ({ref}) is a "
+            f"PEFT LoRA adapter; merge adapters with one of {', '.join(METHOD_NAMES)}, or write "
+            "'base+adapter' to merge full copies"
+        )
+
+
+def _plain_adapter_refs(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, ref) of recipe models that are PEFT adapter directories, not full models."""
+    refs = [("base_model", raw.get("base_model"))]
+    models = raw.get("models")
+    if isinstance(models, list):
+        refs += [
+            (f"models[{i}]", m.get("model") if isinstance(m, dict) else m)
+            for i, m in enumerate(models)
+        ]
+    return [
+        (field, ref)
+        for field, ref in refs
+        if isinstance(ref, str)
+        and os.path.isfile(os.path.join(ref, "adapter_config.json"))
+        and not os.path.isfile(os.path.join(ref, "config.json"))
+    ]
 
 
 def wrap_run_yaml(module: Any) -> None:
