@@ -4,7 +4,7 @@ Shipped as a top-level module and imported from ``mergekit_ctm.pth`` at interpre
 it must stay cheap: it imports only ``sys``, ``os`` and ``importlib`` (no torch, no mergekit).
 
 ``install()`` puts a finder on ``sys.meta_path``. The finder lets the normal machinery locate
-two mergekit modules and runs our code right after each has executed:
+three mergekit modules and runs our code right after each has executed:
 
 - ``mergekit.merge_methods`` (the package, whose ``__init__`` imports the registry): register
   the ``ctm``, ``core_space``, ``mtc`` and ``lora_lego`` methods and the matrix rules.
@@ -14,7 +14,8 @@ two mergekit modules and runs our code right after each has executed:
 - ``mergekit.scripts.run_yaml``: wrap the ``mergekit-yaml`` command so that bad recipes and
   failed merges end in one line instead of a traceback.
 
-``MERGEKIT_CTM_DISABLE=1`` turns the startup hook off (``import mergekit_ctm`` still works).
+``MERGEKIT_CTM_DISABLE=1`` turns the startup hook off (``mergekit_ctm.install()`` still works).
+What runs after each module is ``mergekit_ctm.integration.CALLBACKS``.
 A failure in our code is reported as a warning and never breaks mergekit itself.
 """
 
@@ -24,40 +25,20 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 ENV_DISABLE = "MERGEKIT_CTM_DISABLE"
 
 
-def _on_merge_methods(module: Any) -> None:
-    from mergekit_ctm.plan.registration import register_methods
-
-    register_methods()
-
-
-def _on_merge(module: Any) -> None:
-    from mergekit_ctm.plan.dispatch import wrap_run_merge
-
-    wrap_run_merge(module)
-
-
-def _on_run_yaml(module: Any) -> None:
-    from mergekit_ctm.plan.dispatch import wrap_run_yaml
-
-    wrap_run_yaml(module)
-
-
-_CALLBACKS: dict[str, Callable[[Any], None]] = {
-    "mergekit.merge_methods": _on_merge_methods,
-    "mergekit.merge": _on_merge,
-    "mergekit.scripts.run_yaml": _on_run_yaml,
-}
+# Modules of mergekit after whose execution mergekit_ctm.integration.CALLBACKS[name] runs.
+_HOOKED = ("mergekit.merge_methods", "mergekit.merge", "mergekit.scripts.run_yaml")
 
 
 def _run_callback(name: str, module: Any) -> None:
     try:
-        _CALLBACKS[name](module)
+        from mergekit_ctm.integration import CALLBACKS
+
+        CALLBACKS[name](module)
     except Exception as exc:  # never break mergekit because the plugin is broken
         import warnings
 
@@ -91,7 +72,7 @@ class _MergekitFinder(importlib.abc.MetaPathFinder):
     """Finds nothing itself; wraps the loader of the mergekit modules we hook."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname not in _CALLBACKS:
+        if fullname not in _HOOKED:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -118,7 +99,7 @@ def install() -> None:
     """Hook mergekit (idempotent). Modules already imported are handled immediately."""
     if not installed():
         sys.meta_path.insert(0, _FINDER)
-    for name in _CALLBACKS:
+    for name in _HOOKED:
         module = sys.modules.get(name)
         # A module mid-import has a spec marked _initializing; its loader runs the callback.
         if module is not None and not getattr(

@@ -26,7 +26,6 @@ def hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
 import torch, mergekit.merge  # noqa: F401
-import mergekit_ctm  # noqa: F401
 from mergekit.options import MergeOptions
 from mergekit_ctm.plan.run import run_adapter_merge
 recipe, out = sys.argv[1], sys.argv[2]

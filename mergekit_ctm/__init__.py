@@ -1,23 +1,29 @@
 """mergekit-ctm: merge many PEFT LoRA adapters into one low-rank LoRA, as a mergekit plugin.
 
-``import mergekit_ctm`` registers ``ctm``, ``core_space``, ``mtc`` and ``lora_lego`` (and the
-matrix rules ``iso_c``, ``tsv``, ``pcb``, ``iso_cts``, ``robustmerge``) in mergekit's registry
-and makes ``mergekit.merge.run_merge`` send recipes that use them to our planner. Installing
-the package does the same for the stock ``mergekit-yaml`` command through a startup hook.
+Installing the package plugs it into mergekit through a startup hook: once mergekit's registry
+loads, ``ctm``, ``core_space``, ``mtc`` and ``lora_lego`` (and the matrix rules ``iso_c``,
+``tsv``, ``pcb``, ``iso_cts``, ``robustmerge``) are registered and ``mergekit.merge.run_merge``
+sends recipes that use them to our planner. Importing this package has no side effects; where
+the hook is off (``MERGEKIT_CTM_DISABLE=1``, or running from a source tree), call
+:func:`install` once.
 """
 
 from __future__ import annotations
 
-import mergekit_ctm_hook
-
 __version__ = "0.1.0"
 
-mergekit_ctm_hook.install()
-# Importing the package runs the registration callback (or install() just ran it).
-import mergekit.merge_methods  # noqa: E402,F401
 
-from mergekit_ctm.plan.registration import register_methods  # noqa: E402
+def install() -> None:
+    """Plug mergekit-ctm into mergekit now (idempotent): register our methods and wrap
+    ``run_merge`` / ``mergekit-yaml``, also when mergekit was imported before."""
+    import mergekit_ctm_hook
 
-register_methods()
+    mergekit_ctm_hook.install()
+    import mergekit.merge_methods  # noqa: F401  (runs the registration callback if still due)
 
-__all__ = ["__version__", "register_methods"]
+    from mergekit_ctm.integration.registration import register_methods
+
+    register_methods()
+
+
+__all__ = ["__version__", "install"]

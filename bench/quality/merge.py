@@ -192,7 +192,9 @@ def run_inprocess(recipe: dict[str, Any], out_dir: Path, *, seed: int = 0) -> No
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    import mergekit_ctm  # noqa: F401  (installs the dispatch, as the .pth hook does for the CLI)
+    import mergekit_ctm
+
+    mergekit_ctm.install()  # the dispatch, as the .pth hook does for the CLI
 
     cfg = MergeConfiguration.model_validate(recipe)
     if out_dir.exists():

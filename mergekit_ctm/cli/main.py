@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 from mergekit.options import MergeOptions, add_merge_options
 
-import mergekit_ctm  # noqa: F401  (registers the methods)
+import mergekit_ctm
 from mergekit_ctm.errors import one_line_errors
 
 PROG = "mergekit-ctm"
@@ -29,7 +29,7 @@ def _read(recipe: str) -> str:
 
 @click.group(help="Merge many PEFT LoRA adapters into one low-rank LoRA (mergekit plugin).")
 def main() -> None:
-    pass
+    mergekit_ctm.install()
 
 
 @main.command(

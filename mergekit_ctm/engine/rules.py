@@ -56,11 +56,7 @@ import pydantic
 import torch
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import (
-    BasePolicy,
-    GroupMergeMethod,
-    InputContract,
     MergeMethod,
-    MergeMethodSpec,
     ParameterScope,
     ParameterSpec,
     TensorGroup,
@@ -75,7 +71,6 @@ __all__ = [
     "RuleError",
     "adapter_seed",
     "check_rule_params",
-    "matrix_rule_methods",
     "merge_matrices",
     "rule_names",
     "rule_parameter_specs",
@@ -119,7 +114,7 @@ _REJECTED_RULES = {
 }
 _RANDOM_SPARSIFIERS = (SparsificationMethod.random, SparsificationMethod.della_magprune)
 _PER_ADAPTER_SCOPES = (ParameterScope.NON_BASE, ParameterScope.INPUT)
-_ANY_SHAPE_RULES = ("pcb",)  # matrix rules that work on flattened entries of any shape
+ANY_SHAPE_RULES = ("pcb",)  # matrix rules that work on flattened entries of any shape
 
 
 def rule_names() -> tuple[str, ...]:
@@ -360,7 +355,7 @@ def merge_matrices(
     that differ in shape, dtype or device.
     """
     if rule in matrix_rules.MATRIX_RULE_NAMES:
-        _check_tensors(tensors, rule, ndim=None if rule in _ANY_SHAPE_RULES else 2)
+        _check_tensors(tensors, rule, ndim=None if rule in ANY_SHAPE_RULES else 2)
         bound = _bind(rule, params, len(tensors))
         bound["lam"] = bound.pop("lambda")
         if rank is not None and rule == "iso_c":
@@ -373,48 +368,3 @@ def merge_matrices(
     _check_tensors(tensors, rule, ndim=None)
     bound = _bind(rule, params, len(tensors))
     return _run_mergekit(rule, tensors, bound, seed)
-
-
-class _MatrixRuleMethod(GroupMergeMethod):
-    """A matrix rule as a mergekit method: merged = base + rule(inputs − base).
-
-    2-D tensors go through the matrix rule. Other tensors (norms, biases) get λ · mean_t(w_t Δ_t),
-    as the authors' code averages non-matrix parameters (Iso-C/CTS, TSV, RobustMerge); PCB works
-    on flattened entries, so it takes every shape.
-    """
-
-    def __init__(self, name: str):
-        self.name = name
-        self.spec = MergeMethodSpec(
-            name=name,
-            parameters=matrix_rules.PARAMETER_SPECS[name],
-            contract=InputContract(base=BasePolicy.REQUIRED),
-            pretty_name=matrix_rules.PRETTY_NAMES[name],
-            reference_url=matrix_rules.REFERENCE_URLS[name],
-        )
-
-    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        base = group.base.tensor
-        entries = group.non_base
-        if not entries:
-            return base
-        deltas = [e.tensor - base for e in entries]
-        kwargs = {
-            k: (v.values_for(entries) if hasattr(v, "values_for") else v)
-            for k, v in parameters.items()
-        }
-        if base.ndim == 2 or self.name in _ANY_SHAPE_RULES:
-            delta = merge_matrices(deltas, self.name, kwargs)
-        else:
-            weights = kwargs["weight"]
-            mean = sum(w * d for w, d in zip(weights, deltas, strict=True)) / len(deltas)
-            delta = kwargs["lambda"] * mean
-        return (base + delta).to(base.dtype)
-
-
-def matrix_rule_methods() -> tuple[MergeMethod, ...]:
-    """Our matrix rules as mergekit methods (base required; they merge deltas from the base).
-
-    Not registered here: the plan layer registers them once in mergekit's registry.
-    """
-    return tuple(_MatrixRuleMethod(name) for name in matrix_rules.MATRIX_RULE_NAMES)

@@ -10,7 +10,6 @@ import torch
 from mergekit_ctm.engine.rules import (
     RuleError,
     adapter_seed,
-    matrix_rule_methods,
     merge_matrices,
     rule_names,
     rule_parameter_specs,
@@ -632,38 +631,6 @@ def test_matrix_rule_errors():
         merge_matrices(xs, "iso_cts", {"cts_rank": 0})
     with pytest.raises(RuleError, match=r"unknown parameter\(s\) 'rank'.*cts_rank"):
         merge_matrices(xs, "iso_cts", {"rank": 4})
-
-
-# ---------------------------------------------------------------- as mergekit methods
-
-
-def test_matrix_rule_methods_merge_deltas_from_the_base():
-    from mergekit.merge_methods.base import BasePolicy, TensorGroup
-
-    methods = {m.spec.name: m for m in matrix_rule_methods()}
-    assert set(methods) == {"iso_c", "iso_cts", "tsv", "pcb", "robustmerge"}
-    g = torch.Generator().manual_seed(7)
-    base = torch.randn(12, 10, generator=g, dtype=F64)
-    models = [base + 0.1 * torch.randn(12, 10, generator=g, dtype=F64) for _ in range(3)]
-    bias = torch.randn(10, generator=g, dtype=F64)
-    biases = [bias + torch.randn(10, generator=g, dtype=F64) for _ in range(3)]
-    params = {"weight": [1.0, 0.5, 2.0], "lambda": 0.8}
-    for name, method in methods.items():
-        assert method.spec.contract.base == BasePolicy.REQUIRED
-        groups = [
-            TensorGroup.from_tensors([base, *models], base_index=0),
-            TensorGroup.from_tensors([bias, *biases], base_index=0),
-        ]
-        out_w, out_b = method(groups, parameters=params)
-        deltas = [m - base for m in models]
-        torch.testing.assert_close(out_w, base + merge_matrices(deltas, name, params), **TOL)
-        bias_deltas = [b - bias for b in biases]
-        if name == "pcb":
-            ref_b = bias + merge_matrices(bias_deltas, name, params)
-        else:
-            mean = sum(w * d for w, d in zip(params["weight"], bias_deltas, strict=True)) / 3
-            ref_b = bias + 0.8 * mean
-        torch.testing.assert_close(out_b, ref_b, **TOL)
 
 
 # ---------------------------------------------------------------- CUDA

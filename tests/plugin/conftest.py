@@ -15,7 +15,9 @@ import pytest
 import torch
 import yaml
 
-import mergekit_ctm  # noqa: F401  (registers the methods in this process)
+import mergekit_ctm
+
+mergekit_ctm.install()  # registers the methods in this process
 
 BIN = Path(sys.executable).parent
 

@@ -1,4 +1,4 @@
-"""The startup hook: stock mergekit sees our methods without `import mergekit_ctm`, imports no
+"""The startup hook: stock mergekit sees our methods without `mergekit_ctm.install()`, imports no
 torch at interpreter start, can be disabled, and survives a real `pip install .`."""
 
 from __future__ import annotations
@@ -46,18 +46,52 @@ def test_env_var_disables_hook(tmp_path):
     assert out["dispatch"] == "False"
 
 
-def test_import_mergekit_ctm_registers_after_mergekit_was_imported():
+def test_install_registers_after_mergekit_was_imported():
+    """With the startup hook off, mergekit_ctm.install() plugs in, also after mergekit loaded;
+    importing mergekit_ctm alone (or any of its packages) changes nothing in mergekit."""
     code = (
         "import mergekit.merge, mergekit.merge_methods as mm\n"
-        "assert 'ctm' not in {m.spec.name for m in mm.registered_methods()}\n"
-        "import mergekit_ctm\n"
-        "names = {m.spec.name for m in mm.registered_methods()}\n"
-        "assert {'ctm', 'core_space', 'mtc', 'lora_lego'} <= names\n"
+        "names = lambda: {m.spec.name for m in mm.registered_methods()}\n"
+        "import mergekit_ctm, mergekit_ctm.engine, mergekit_ctm.recipe, mergekit_ctm.plan.run\n"
+        "assert 'ctm' not in names()\n"
+        "assert not hasattr(mergekit.merge.run_merge, '__mergekit_ctm_original__')\n"
+        "mergekit_ctm.install()\n"
+        "assert {'ctm', 'core_space', 'mtc', 'lora_lego', 'iso_c'} <= names()\n"
         "assert hasattr(mergekit.merge.run_merge, '__mergekit_ctm_original__')\n"
         "print('ok')"
     )
     res = run_cli(sys.executable, "-c", code, env={"MERGEKIT_CTM_DISABLE": "1"})
     assert res.stdout.strip() == "ok"
+
+
+PACKAGES = (
+    "mergekit_ctm",
+    "mergekit_ctm.errors",
+    "mergekit_ctm.engine",
+    "mergekit_ctm.adapters",
+    "mergekit_ctm.recipe",
+    "mergekit_ctm.plan",
+    "mergekit_ctm.plan.run",
+    "mergekit_ctm.integration",
+    "mergekit_ctm.integration.registration",
+    "mergekit_ctm.integration.dispatch",
+    "mergekit_ctm.cli.main",
+)
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_each_package_imports_alone_without_touching_mergekit(name):
+    """A fresh interpreter imports the package on its own (no import cycles), and importing
+    registers or wraps nothing in mergekit (the hook or install() does; the CLI installs when
+    a command runs)."""
+    code = (
+        f"import importlib; importlib.import_module({name!r})\n"
+        "import mergekit.merge, mergekit.merge_methods as mm\n"
+        "print('ctm' in {m.spec.name for m in mm.registered_methods()},\n"
+        "      hasattr(mergekit.merge.run_merge, '__mergekit_ctm_original__'))\n"
+    )
+    res = run_cli(sys.executable, "-c", code, env={"MERGEKIT_CTM_DISABLE": "1"})
+    assert res.stdout.strip() == "False False", res.stdout
 
 
 @pytest.mark.slow

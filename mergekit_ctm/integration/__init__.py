@@ -1,0 +1,37 @@
+"""Everything that plugs mergekit-ctm into mergekit, and nothing else: registration of our
+methods in mergekit's registry, the ``run_merge`` / ``mergekit-yaml`` wrappers, and the
+``MergeMethod`` classes. The startup hook (``mergekit_ctm_hook``) calls into this package;
+no other package of mergekit-ctm imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def on_merge_methods(module: Any) -> None:
+    """mergekit.merge_methods was imported: register our methods."""
+    from mergekit_ctm.integration.registration import register_methods
+
+    register_methods()
+
+
+def on_merge(module: Any) -> None:
+    """mergekit.merge was imported: route recipes of our methods to our planner."""
+    from mergekit_ctm.integration.dispatch import wrap_run_merge
+
+    wrap_run_merge(module)
+
+
+def on_run_yaml(module: Any) -> None:
+    """mergekit.scripts.run_yaml was imported: one-line errors for mergekit-yaml."""
+    from mergekit_ctm.integration.dispatch import wrap_run_yaml
+
+    wrap_run_yaml(module)
+
+
+CALLBACKS = {
+    "mergekit.merge_methods": on_merge_methods,
+    "mergekit.merge": on_merge,
+    "mergekit.scripts.run_yaml": on_run_yaml,
+}
