@@ -10,14 +10,18 @@ mergekit's ``MergePlanner``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import types
+import typing
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
+from mergekit.config import ConditionalParameter, evaluate_setting
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from mergekit.parameter_resolver import resolve_parameter
 
@@ -251,23 +255,166 @@ def _base_shapes(base_model: str) -> dict[str, tuple[int, ...]] | None:
     return shapes or None
 
 
-def _resolve(
-    p: ParameterSpec,
-    sources: Sequence[Mapping[str, Any] | None],
-    tensor_name: str,
-    t: float,
-    where: str,
-) -> Any:
+# --------------------------------------------------------------------------- parameter values
+
+# YAML 1.1 (PyYAML, so mergekit) reads `1e-3` as a string; mergekit takes it as a number.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+}
+
+
+def _kind(value_type: Any) -> str | None:
+    """'int' | 'float' | 'bool' | 'str' for a ParameterSpec value type; None if mixed/unknown."""
+    origin = typing.get_origin(value_type)
+    if origin is typing.Annotated:
+        return _kind(typing.get_args(value_type)[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_kind(a) for a in typing.get_args(value_type) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin is typing.Literal:
+        args = typing.get_args(value_type)
+        return "str" if all(isinstance(a, str) for a in args) else None
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(value_type)
+
+
+def _leaves(setting: Any) -> Iterator[tuple[str, Any]]:
+    """(where inside the setting, value) for every scalar a parameter setting holds."""
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+        single = True
+    else:
+        single = False
+    if not isinstance(setting, list):
+        yield "", setting
+        return
+    for k, item in enumerate(setting):
+        if isinstance(item, ConditionalParameter):
+            cond = f"filter {item.filter!r}" if item.filter is not None else "no filter"
+            if not single:
+                cond = f"entry {k + 1}, {cond}"
+            for inner, value in _leaves(item.value):
+                yield f"{cond}, {inner}" if inner else cond, value
+        else:
+            yield f"gradient value {k + 1} of {len(setting)}", item
+
+
+def _shown(value: Any) -> str:
+    """A value as the recipe spells it (true, 16.0, '16')."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _value_error(p: ParameterSpec, value: Any) -> str | None:
+    """Why one value written in the recipe is not valid for ``p``, or None when it is.
+
+    No coercion: an integer parameter takes an integer (not true, 16.0 or "16"), a number
+    parameter a number (an integer is fine; not true or "0.5"), and every number is finite.
+    The rule's own range checks (density in [0, 1], ...) run per module in ``_check_rule``,
+    with the other parameters' values for that module.
+    """
+    kind = _kind(p.value_type)
+    v = value
+    if kind == "float" and isinstance(v, str) and _SCIENTIFIC.fullmatch(v.strip()):
+        v = float(v)
+    ok = {
+        "int": type(v) is int,
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str),
+    }.get(kind or "", True)
+    if not ok:
+        what = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+        fix = ""
+        if isinstance(v, str) and kind in ("int", "float"):
+            fix = "; write the number without quotes"
+        elif kind == "int" and isinstance(v, float) and v.is_integer():
+            fix = f"; write {int(v)}"
+        got = what.get(type(value), type(value).__name__)
+        return f"must be {_EXPECTED[kind]}, got {_shown(value)} ({got}){fix}"
+    if kind == "float" and not math.isfinite(v):
+        return f"must be a finite number, got {_shown(value)}"
     try:
-        return resolve_parameter(p, sources, tensor_name=tensor_name, t=t)
+        p.validate(v)
+    except pydantic.ValidationError as exc:
+        return f"{exc.errors()[0].get('msg')} (got {_shown(value)})"
+    return None
+
+
+def _check_values(recipe: Recipe, own_specs: Sequence[ParameterSpec], rule: str | None) -> None:
+    """Every value written under ``parameters:`` (recipe and adapters), leaf by leaf, before any
+    adapter is read: the error names the level where the value was set, never a module."""
+    by_name = {p.name: p for p in (*own_specs, *(specs.rule_specs(rule) if rule else ()))}
+    levels = [("parameters", recipe.parameters)] + [
+        (f"models[{i}] ({m.model}).parameters", m.parameters) for i, m in enumerate(recipe.models)
+    ]
+    errors = []
+    for level, scope in levels:
+        for name, setting in (scope or {}).items():
+            p = by_name.get(name)
+            if p is None or name == "base_rule":  # names and base_rule are checked already
+                continue
+            for inner, value in _leaves(setting):
+                why = _value_error(p, value)
+                if why is not None:
+                    errors.append(f"{level}: {name!r}{f' ({inner})' if inner else ''}: {why}")
+    if len(errors) == 1:
+        raise RecipeError(errors[0])
+    if errors:
+        raise RecipeError("invalid parameter values:\n  " + "\n  ".join(errors))
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a resolved value was set: the level's label, and whether it was one plain value
+    (else a ``filter:`` list or a gradient, which can differ per module)."""
+
+    level: str
+    scalar: bool
+
+
+Sources = Sequence[tuple[str, Mapping[str, Any] | None]]
+
+
+def _source(p: ParameterSpec, sources: Sources, tensor_name: str, t: float) -> _Source | None:
+    """The level whose setting mergekit's resolver takes for this tensor (None: the default)."""
+    for level, scope in sources:
+        if scope is None or p.name not in scope:
+            continue
+        setting = scope[p.name]
+        scalar = not isinstance(setting, (list, ConditionalParameter))
+        try:
+            found = evaluate_setting(tensor_name, setting, t, validate=p.validate) is not None
+        except (pydantic.ValidationError, RuntimeError):
+            found = True  # it fails here: this level is to blame
+        if found:
+            return _Source(level, scalar)
+    return None
+
+
+def _resolve(
+    p: ParameterSpec, sources: Sources, tensor_name: str, t: float
+) -> tuple[Any, _Source | None]:
+    """(value, where it was set) exactly as mergekit resolves it; every float must be finite."""
+    src = _source(p, sources, tensor_name, t)
+    level = src.level if src is not None else sources[-1][0]
+    at = "" if src is None or src.scalar else f" at {tensor_name} (from a filter or gradient)"
+    try:
+        value = resolve_parameter(p, [scope for _, scope in sources], tensor_name=tensor_name, t=t)
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
         raise RecipeError(
-            f"{where}: parameter {p.name!r} for module {tensor_name}: {err.get('msg')} "
-            f"(got {err.get('input')!r})"
+            f"{level}: {p.name!r}{at}: {err.get('msg')} (got {err.get('input')!r})"
         ) from None
     except RuntimeError as exc:
-        raise RecipeError(f"{where}: {exc}") from None
+        raise RecipeError(f"{level}: {exc}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{level}: {p.name!r}{at}: must be a finite number, got {value}")
+    return value, src
 
 
 def _rule_values(
@@ -276,45 +423,79 @@ def _rule_values(
     adapters: Sequence[int],
     tensor_name: str,
     t: float,
-    labels: Sequence[str],
-) -> dict[str, Any]:
-    top = recipe.parameters
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(values, sources): shared values are scalars, per-adapter ones tuples over ``adapters``."""
+    top = ("parameters", recipe.parameters)
     out: dict[str, Any] = {}
+    where: dict[str, Any] = {}
     for p in rule_spec:
         if p.scope == ParameterScope.SHARED:
-            out[p.name] = _resolve(p, (top,), tensor_name, t, "parameters")
+            out[p.name], where[p.name] = _resolve(p, (top,), tensor_name, t)
         else:
-            out[p.name] = tuple(
+            pairs = [
                 _resolve(
                     p,
-                    (recipe.models[i].parameters, top),
+                    (
+                        (
+                            f"models[{i}] ({recipe.models[i].model}).parameters",
+                            recipe.models[i].parameters,
+                        ),
+                        top,
+                    ),
                     tensor_name,
                     t,
-                    f"models[{i}] ({labels[i]})",
                 )
                 for i in adapters
-            )
-    return out
+            ]
+            out[p.name] = tuple(v for v, _ in pairs)
+            where[p.name] = tuple(s for _, s in pairs)
+    return out, where
 
 
 def _check_rule(
-    rule: str, values: dict[str, Any], idx: Sequence[int], labels: Sequence[str], module: str
+    rule: str,
+    values: dict[str, Any],
+    sources: dict[str, Any],
+    idx: Sequence[int],
+    module: str,
 ) -> None:
-    """The rule's own range checks; a per-adapter failure names models[i]."""
+    """The rule's own checks (ranges, density ± epsilon, ...) on one module's values.
+
+    A failure names the level where the offending values were set (the recipe's
+    ``parameters`` or ``models[i]``), and the module only when one of them came from a
+    ``filter:`` list or a gradient, so it can differ between modules.
+    """
     bind = rules_mod.check_rule_params
+    defaults = {p.name: p.default for p in specs.rule_specs(rule)}
     as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     try:
         bind(rule, as_lists, len(idx))
         return
     except RuleError as exc:
         whole = exc
-    for j, i in enumerate(idx):
+    for j, _ in enumerate(idx):
         one = {k: [v[j]] if isinstance(v, list) else v for k, v in as_lists.items()}
+        used = {k: s[j] if isinstance(s, tuple) else s for k, s in sources.items()}
         try:
             bind(rule, one, 1)
+            continue
         except RuleError as exc:
             msg = str(exc).replace(" (adapter 0)", "")
-            raise RecipeError(f"models[{i}] ({labels[i]}), module {module}: {msg}") from None
+        # The set values whose reset to the default makes the check pass are the culprits.
+        culprits = []
+        for k, src in used.items():
+            if src is None:
+                continue
+            try:
+                bind(rule, {**one, k: defaults[k]}, 1)
+                culprits.append(src)
+            except RuleError:
+                pass
+        culprits = culprits or [s for s in used.values() if s is not None]
+        own = [s for s in culprits if s.level != "parameters"]
+        level = own[0].level if own else "parameters"
+        at = "" if all(s.scalar for s in culprits) else f", module {module}"
+        raise RecipeError(f"{level}{at}: {msg}") from None
     raise RecipeError(f"module {module}: {whole}") from None
 
 
@@ -339,6 +520,7 @@ def build_plan(
         )
     rule = _base_rule(recipe, method)
     _check_parameter_names(recipe, method, rule)
+    _check_values(recipe, specs.OWN_PARAMETERS[method], rule)
     adapters = _read_adapters(recipe, cache_dir)
     labels = [a.ref for a in adapters]
     base_model = _base_model(recipe, adapters)
@@ -379,12 +561,12 @@ def build_plan(
         tensor_name = first.weight_name
         t = layer_t(name, num_layers)
         own = {
-            p.name: _resolve(p, (recipe.parameters,), tensor_name, t, "parameters")
+            p.name: _resolve(p, (("parameters", recipe.parameters),), tensor_name, t)[0]
             for p in own_specs
         }
-        rvals = _rule_values(rule_spec, recipe, idx, tensor_name, t, labels)
+        rvals, rsrc = _rule_values(rule_spec, recipe, idx, tensor_name, t)
         if rule:
-            _check_rule(rule, rvals, idx, labels, name)
+            _check_rule(rule, rvals, rsrc, idx, name)
         modules.append(
             ModulePlan(
                 name=name,
@@ -451,9 +633,7 @@ def _dense_plans(
         idx = tuple(i for i, _ in items)
         t = layer_t(weight_name, num_layers)
         # Per-adapter values of the base rule apply to dense tensors too (weight, density, ...).
-        rvals = (
-            _rule_values(rule_spec, recipe, idx, weight_name, t, labels) if drule == rule else {}
-        )
+        rvals = _rule_values(rule_spec, recipe, idx, weight_name, t)[0] if drule == rule else {}
         out.append(
             DensePlan(
                 key=first.key,
