@@ -647,3 +647,25 @@ def _dense_plans(
             )
         )
     return tuple(out)
+
+
+def check_tensor_values(plan: MergePlan) -> None:
+    """Read every tensor the merge will read (each adapter's LoRA factors and the
+    modules_to_save / bias tensors the plan merges), one at a time, and raise RecipeError on
+    the first NaN/Inf, or on a value the cast to the recipe's ``dtype`` overflows.
+
+    ``build_plan`` reads headers only; this is the data check of ``mergekit-ctm validate``.
+    The merge itself checks each tensor as it loads it (``adapters.loading``), so a merge
+    never writes an output from non-finite input even without this call.
+    """
+    import torch
+
+    from mergekit_ctm.adapters.loading import check_values
+
+    dtype = torch.float64 if plan.dtype == "float64" else torch.float32  # the math dtype
+    for i, info in enumerate(plan.adapters):
+        keys = [k for d in plan.dense for j, k in d.sources if j == i]
+        try:
+            check_values(info, keys, dtype=dtype)
+        except AdapterError as exc:
+            raise RecipeError(f"models[{i}]: {exc}") from None
