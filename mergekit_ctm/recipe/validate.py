@@ -88,6 +88,11 @@ class MergePlan:
     dense: tuple[DensePlan, ...]
     random_seed: int | None
     notes: list[str] = field(default_factory=list)
+    # How base_model was found (see locate_base): "local", "cached", "hub", "missing", or None
+    # without a base. Only "local" and "cached" were read; "hub" and "missing" are unchecked.
+    base_status: str | None = None
+    # num_layers was read from the base's config.json (else counted from the module names).
+    num_layers_from_base: bool = False
 
     @property
     def output(self) -> str:
@@ -123,15 +128,17 @@ def layer_t(name: str, num_layers: int) -> float:
     return min(1.0, int(m.group(1)) / (num_layers - 1))
 
 
-def _num_layers(base_model: str | None, module_names: Sequence[str]) -> int:
-    if base_model and os.path.isfile(os.path.join(base_model, "config.json")):
-        with open(os.path.join(base_model, "config.json"), encoding="utf-8") as f:
+def _num_layers(base_config: str | None, module_names: Sequence[str]) -> tuple[int, bool]:
+    """(number of layers, read from the base's config.json?) for gradients; without a readable
+    base config, one more than the highest layer index among the module names."""
+    if base_config and os.path.isfile(base_config):
+        with open(base_config, encoding="utf-8") as f:
             cfg = json.load(f)
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if isinstance(cfg.get(key), int):
-                return cfg[key]
+                return cfg[key], True
     idx = [int(m.group(1)) for n in module_names if (m := _LAYER_RE.search(n))]
-    return max(idx) + 1 if idx else 1
+    return (max(idx) + 1 if idx else 1), False
 
 
 def _where(model: int | None, adapters: Sequence[Any]) -> str:
@@ -221,18 +228,122 @@ def _read_adapters(recipe: Recipe, cache_dir: str | None) -> tuple[AdapterInfo, 
     return tuple(infos)
 
 
-def _base_model(recipe: Recipe, adapters: Sequence[AdapterInfo]) -> str | None:
-    if recipe.base_model:
-        return recipe.base_model
-    named = {a.base_ref for a in adapters if a.base_ref} or {
-        a.base_model_name_or_path for a in adapters if a.base_model_name_or_path
-    }
-    if len(named) > 1:
-        raise RecipeError(
-            f"the adapters name different base models ({', '.join(sorted(named))}); set "
-            "`base_model:` in the recipe to the one they were all trained on"
+# owner/name[@revision] as the Hugging Face hub spells repository ids; a bare name (legacy ids
+# such as gpt2) counts as a hub id only when it is in the local cache.
+_HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+_LEGACY_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+BASE_FIX = (
+    "set base_model to the base model's local directory or hub id, or leave it out to use "
+    "the adapters' base_model_name_or_path"
+)
+
+
+def locate_base(ref: str, cache_dir: str | None = None) -> tuple[str, str | None]:
+    """(status, path of its config.json or None) of a base model reference, offline.
+
+    status: "local" (an existing directory), "cached" (a hub id ``owner/name[@rev]``, or a
+    legacy bare id such as ``gpt2``, whose config.json is in the local Hugging Face cache),
+    "hub" (an ``owner/name`` id not in the cache: not checked, since merging adapters needs no
+    base on disk), "file" (an existing file, not a model directory) or "missing" (anything
+    else that does not exist: an absolute or ./relative path, a path with more slashes, a bare
+    name not in the cache).
+    """
+    if os.path.isdir(ref):
+        return "local", os.path.join(ref, "config.json")
+    if os.path.exists(ref):
+        return "file", None
+    repo, _, revision = ref.partition("@")
+    hub_id = bool(_HUB_ID.fullmatch(repo))
+    if not hub_id and not _LEGACY_ID.fullmatch(repo):
+        return "missing", None
+    try:
+        import huggingface_hub
+
+        hit = huggingface_hub.try_to_load_from_cache(
+            repo, "config.json", cache_dir=cache_dir, revision=revision or None
         )
-    return next(iter(named), None)
+    except Exception:
+        hit = None
+    if isinstance(hit, str):
+        return "cached", hit
+    return ("hub", None) if hub_id else ("missing", None)
+
+
+def _check_base_exists(
+    ref: str, where: str, cache_dir: str | None, fix: str = BASE_FIX
+) -> tuple[str, str | None]:
+    """locate_base, refusing a base that is a file or does not exist."""
+    status, config = locate_base(ref, cache_dir)
+    if status == "file":
+        raise RecipeError(f"{where}: {ref!r} is a file, not a model directory; {fix}")
+    if status == "missing":
+        raise RecipeError(f"{where}: {ref!r} does not exist; {fix}")
+    return status, config
+
+
+def _same_base(a: str, b: str) -> bool:
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _base_model(
+    recipe: Recipe,
+    adapters: Sequence[AdapterInfo],
+    cache_dir: str | None,
+    given: tuple[str, str | None] | None,
+) -> tuple[str | None, str | None, str | None, list[str]]:
+    """(base model, status, its config.json or None, notes); ``given``: locate_base of the
+    recipe's ``base_model``, already checked to exist.
+
+    The recipe's ``base_model`` and the base of a ``base+adapter`` reference were written by
+    the user: one that does not exist is an error (``build_plan`` checks the recipe's before
+    reading any adapter), and a ``base+adapter`` base that differs from ``base_model`` is
+    refused. A base taken from the adapters' ``base_model_name_or_path`` was written by the
+    training machine: a local path that does not exist here is only a note; the output keeps
+    it as its own ``base_model_name_or_path`` (what the inputs say), and the plan marks it
+    ``"missing"`` (not read, no layer count, no shape check).
+    """
+    notes: list[str] = []
+    for i, info in enumerate(adapters):
+        if not info.base_ref:
+            continue
+        where = f"models[{i}] ({info.ref}): base"
+        _check_base_exists(
+            info.base_ref,
+            where,
+            cache_dir,
+            "give the base model's local directory or hub id before the '+', or drop the base+",
+        )
+        if recipe.base_model and not _same_base(info.base_ref, recipe.base_model):
+            raise RecipeError(
+                f"{where} {info.base_ref!r} differs from base_model {recipe.base_model!r}; all "
+                "adapters merge onto one base: make them the same, or drop the base+ prefix"
+            )
+    if recipe.base_model and given is not None:
+        (status, config), base = given, recipe.base_model
+    else:
+        named = {a.base_ref for a in adapters if a.base_ref} or {
+            a.base_model_name_or_path for a in adapters if a.base_model_name_or_path
+        }
+        if len(named) > 1:
+            raise RecipeError(
+                f"the adapters name different base models ({', '.join(sorted(named))}); set "
+                "`base_model:` in the recipe to the one they were all trained on"
+            )
+        base = next(iter(named), None)
+        if base is None:
+            return None, None, None, notes
+        status, config = locate_base(base, cache_dir)
+        if status in ("missing", "file"):
+            status, config = "missing", None
+            notes.append(
+                f"base model {base!r} (the adapters' base_model_name_or_path) is not on this "
+                "machine: not checked; set base_model to check the adapters against it"
+            )
+    if status == "hub":
+        notes.append(f"base model {base!r}: hub id, not checked offline")
+    return base, status, config, notes
 
 
 def _base_shapes(base_model: str) -> dict[str, tuple[int, ...]] | None:
@@ -521,9 +632,12 @@ def build_plan(
     rule = _base_rule(recipe, method)
     _check_parameter_names(recipe, method, rule)
     _check_values(recipe, specs.OWN_PARAMETERS[method], rule)
+    given = None
+    if recipe.base_model:  # before any adapter is read (or downloaded)
+        given = _check_base_exists(recipe.base_model, "base_model", cache_dir)
     adapters = _read_adapters(recipe, cache_dir)
     labels = [a.ref for a in adapters]
-    base_model = _base_model(recipe, adapters)
+    base_model, base_status, base_config, notes = _base_model(recipe, adapters, cache_dir, given)
     if recipe.output == "model" and not (base_model and os.path.isdir(base_model)):
         raise RecipeError(
             f"output: model needs the base model as a local directory; base_model is "
@@ -543,7 +657,7 @@ def build_plan(
     for i, info in enumerate(adapters):
         for name in info.modules:
             owners.setdefault(name, []).append(i)
-    num_layers = _num_layers(base_model, list(owners))
+    num_layers, layers_from_base = _num_layers(base_config, list(owners))
     own_specs = specs.OWN_PARAMETERS[method]
     rule_spec = specs.rule_specs(rule) if rule else ()
 
@@ -597,6 +711,9 @@ def build_plan(
         modules=tuple(modules),
         dense=dense,
         random_seed=random_seed,
+        notes=notes,
+        base_status=base_status,
+        num_layers_from_base=layers_from_base,
     )
 
 
