@@ -507,25 +507,37 @@ def _source(p: ParameterSpec, sources: Sources, tensor_name: str, t: float) -> _
     return None
 
 
-def _resolve(
-    p: ParameterSpec, sources: Sources, tensor_name: str, t: float
-) -> tuple[Any, _Source | None]:
-    """(value, where it was set) exactly as mergekit resolves it; every float must be finite."""
-    src = _source(p, sources, tensor_name, t)
-    level = src.level if src is not None else sources[-1][0]
-    at = "" if src is None or src.scalar else f" at {tensor_name} (from a filter or gradient)"
+def _resolve(p: ParameterSpec, sources: Sources, tensor_name: str, t: float) -> Any:
+    """The value exactly as mergekit resolves it; every float must be finite. An error names
+    the level that set the value (found only then: resolution stays one pass)."""
+
+    def fail(why: str) -> RecipeError:
+        src = _source(p, sources, tensor_name, t)
+        level = src.level if src is not None else sources[-1][0]
+        at = "" if src is None or src.scalar else f" at {tensor_name} (from a filter or gradient)"
+        return RecipeError(f"{level}: {p.name!r}{at}: {why}")
+
     try:
         value = resolve_parameter(p, [scope for _, scope in sources], tensor_name=tensor_name, t=t)
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
-        raise RecipeError(
-            f"{level}: {p.name!r}{at}: {err.get('msg')} (got {err.get('input')!r})"
-        ) from None
+        raise fail(f"{err.get('msg')} (got {err.get('input')!r})") from None
     except RuntimeError as exc:
-        raise RecipeError(f"{level}: {exc}") from None
+        raise fail(str(exc)) from None
     if isinstance(value, float) and not math.isfinite(value):
-        raise RecipeError(f"{level}: {p.name!r}{at}: must be a finite number, got {value}")
-    return value, src
+        raise fail(f"must be a finite number, got {value}")
+    return value
+
+
+def _sources(recipe: Recipe, p: ParameterSpec, i: int) -> Sources:
+    """Where adapter i's value of ``p`` may be set, in mergekit's precedence order."""
+    top = ("parameters", recipe.parameters)
+    if p.scope == ParameterScope.SHARED:
+        return (top,)
+    return (
+        (f"models[{i}] ({recipe.models[i].model}).parameters", recipe.models[i].parameters),
+        top,
+    )
 
 
 def _rule_values(
@@ -534,41 +546,27 @@ def _rule_values(
     adapters: Sequence[int],
     tensor_name: str,
     t: float,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(values, sources): shared values are scalars, per-adapter ones tuples over ``adapters``."""
-    top = ("parameters", recipe.parameters)
+) -> dict[str, Any]:
+    """Shared values as scalars, per-adapter ones as tuples over ``adapters``."""
     out: dict[str, Any] = {}
-    where: dict[str, Any] = {}
     for p in rule_spec:
         if p.scope == ParameterScope.SHARED:
-            out[p.name], where[p.name] = _resolve(p, (top,), tensor_name, t)
+            out[p.name] = _resolve(p, _sources(recipe, p, -1), tensor_name, t)
         else:
-            pairs = [
-                _resolve(
-                    p,
-                    (
-                        (
-                            f"models[{i}] ({recipe.models[i].model}).parameters",
-                            recipe.models[i].parameters,
-                        ),
-                        top,
-                    ),
-                    tensor_name,
-                    t,
-                )
-                for i in adapters
-            ]
-            out[p.name] = tuple(v for v, _ in pairs)
-            where[p.name] = tuple(s for _, s in pairs)
-    return out, where
+            out[p.name] = tuple(
+                _resolve(p, _sources(recipe, p, i), tensor_name, t) for i in adapters
+            )
+    return out
 
 
 def _check_rule(
     rule: str,
     values: dict[str, Any],
-    sources: dict[str, Any],
+    recipe: Recipe,
     idx: Sequence[int],
     module: str,
+    tensor_name: str,
+    t: float,
 ) -> None:
     """The rule's own checks (ranges, density ± epsilon, ...) on one module's values.
 
@@ -577,28 +575,30 @@ def _check_rule(
     ``filter:`` list or a gradient, so it can differ between modules.
     """
     bind = rules_mod.check_rule_params
-    defaults = {p.name: p.default for p in specs.rule_specs(rule)}
+    rule_spec = {p.name: p for p in specs.rule_specs(rule)}
     as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     try:
         bind(rule, as_lists, len(idx))
         return
     except RuleError as exc:
         whole = exc
-    for j, _ in enumerate(idx):
+    for j, i in enumerate(idx):
         one = {k: [v[j]] if isinstance(v, list) else v for k, v in as_lists.items()}
-        used = {k: s[j] if isinstance(s, tuple) else s for k, s in sources.items()}
         try:
             bind(rule, one, 1)
             continue
         except RuleError as exc:
             msg = str(exc).replace(" (adapter 0)", "")
+        used = {
+            k: _source(rule_spec[k], _sources(recipe, rule_spec[k], i), tensor_name, t) for k in one
+        }
         # The set values whose reset to the default makes the check pass are the culprits.
         culprits = []
         for k, src in used.items():
             if src is None:
                 continue
             try:
-                bind(rule, {**one, k: defaults[k]}, 1)
+                bind(rule, {**one, k: rule_spec[k].default}, 1)
                 culprits.append(src)
             except RuleError:
                 pass
@@ -675,12 +675,12 @@ def build_plan(
         tensor_name = first.weight_name
         t = layer_t(name, num_layers)
         own = {
-            p.name: _resolve(p, (("parameters", recipe.parameters),), tensor_name, t)[0]
+            p.name: _resolve(p, (("parameters", recipe.parameters),), tensor_name, t)
             for p in own_specs
         }
-        rvals, rsrc = _rule_values(rule_spec, recipe, idx, tensor_name, t)
+        rvals = _rule_values(rule_spec, recipe, idx, tensor_name, t)
         if rule:
-            _check_rule(rule, rvals, rsrc, idx, name)
+            _check_rule(rule, rvals, recipe, idx, name, tensor_name, t)
         modules.append(
             ModulePlan(
                 name=name,
@@ -750,7 +750,7 @@ def _dense_plans(
         idx = tuple(i for i, _ in items)
         t = layer_t(weight_name, num_layers)
         # Per-adapter values of the base rule apply to dense tensors too (weight, density, ...).
-        rvals = _rule_values(rule_spec, recipe, idx, weight_name, t)[0] if drule == rule else {}
+        rvals = _rule_values(rule_spec, recipe, idx, weight_name, t) if drule == rule else {}
         out.append(
             DensePlan(
                 key=first.key,

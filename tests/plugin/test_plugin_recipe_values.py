@@ -228,3 +228,22 @@ def test_per_module_failure_names_level_and_module(good):
     # the same values set as plain scalars fail for every module: no module named
     msg = _err(_mut(good, lambda r: (mutate(r), r["models"][2]["parameters"].update(density=0.02))))
     assert msg.startswith("models[2] (") and "module" not in msg, msg
+
+
+def test_interpolated_value_error_names_level_and_module(good, tmp_path):
+    """rank: [2, 5] on a 6-layer base gives 2.6 at layer 1 (t = 0.2): not an integer. Only
+    that module fails, so it is named, with the level that set the gradient."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    base = tmp_path / "base6"
+    shutil.copytree(good["base_model"], base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["num_hidden_layers"] = 6  # layers 0 and 1 exist; t = layer / 5
+    (Path(base) / "config.json").write_text(json.dumps(cfg))
+    msg = _err(_mut(good, lambda r: (r.update(base_model=str(base)), _top(rank=[2, 5])(r))))
+    assert msg.startswith("parameters: 'rank' at model.layers.1."), msg
+    assert "(from a filter or gradient)" in msg and "fractional part" in msg, msg
+    plan = build_plan(_mut(good, lambda r: (r.update(base_model=str(base)), _top(rank=[2, 7])(r))))
+    assert {m.param("rank") for m in plan.modules} == {2, 3}
