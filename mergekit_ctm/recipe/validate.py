@@ -474,9 +474,9 @@ def _check_values(recipe: Recipe, own_specs: Sequence[ParameterSpec], rule: str 
                 if why is not None:
                     errors.append(f"{level}: {name!r}{f' ({inner})' if inner else ''}: {why}")
     if len(errors) == 1:
-        raise RecipeError(errors[0])
+        raise RecipeError(errors[0])  # it names its level already
     if errors:
-        raise RecipeError("invalid parameter values:\n  " + "\n  ".join(errors))
+        raise RecipeError(join_errors("invalid parameter values", errors))
 
 
 @dataclass(frozen=True)
