@@ -1,8 +1,15 @@
-"""Lazy tensor loading from a read adapter, normalized to the base weight's layout."""
+"""Lazy tensor loading from a read adapter, normalized to the base weight's layout.
+
+Every tensor is checked finite as it is loaded (NaN/Inf in an adapter is refused naming the
+adapter, module and tensor): no merge method may turn a diverged adapter into a finite,
+plausible-looking output. ``check_values`` streams a whole adapter the same way, for
+``validate``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 
 import torch
@@ -34,6 +41,51 @@ def _load_raw(info: AdapterInfo, file: str, key: str) -> torch.Tensor:
         ) from e
 
 
+def _non_finite(x: torch.Tensor) -> bool:
+    """True if ``x`` holds a NaN or ±Inf. Fast path: one float64 sum, which no finite float32
+    tensor can overflow and any NaN/Inf spoils; the exact test runs only when it is spoilt."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return False
+    if bool(torch.isfinite(x.sum(dtype=torch.float64))):
+        return False
+    return not bool(torch.isfinite(x).all())
+
+
+def _finite(
+    info: AdapterInfo,
+    where: str,
+    key: str,
+    x: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x`` moved to (device, dtype), or AdapterError if it or its cast is not finite.
+
+    where: "module NAME: " or "" (names what the tensor belongs to).
+    """
+    if _non_finite(x):
+        bad = x.numel() - int(torch.isfinite(x).sum())
+        raise AdapterError(
+            f"adapter {info.ref!r}: {where}tensor {key} has {bad} NaN/Inf values of "
+            f"{x.numel()}; the adapter is corrupt or its training diverged: retrain it or "
+            "leave it out"
+        )
+    y = x.to(device=device, dtype=dtype or x.dtype)
+    narrowed = (
+        x.is_floating_point()
+        and y.is_floating_point()
+        and torch.finfo(y.dtype).max < torch.finfo(x.dtype).max
+    )
+    if narrowed and _non_finite(y):
+        bad = y.numel() - int(torch.isfinite(y).sum())
+        raise AdapterError(
+            f"adapter {info.ref!r}: {where}tensor {key} has {bad} of {y.numel()} values "
+            f"beyond the range of {y.dtype} (stored as {x.dtype}): merge with dtype: float64"
+        )
+    return y
+
+
 def _resolve(info: AdapterInfo, module: str | LoraModule) -> LoraModule:
     return info.module(module) if isinstance(module, str) else module
 
@@ -51,21 +103,25 @@ def load_factors(
       nn.Linear:               A = A_p,  B = B_p          (ΔW = s B_p A_p, out × in)
       Conv1D (fan_in_fan_out): A = B_pᵀ, B = A_pᵀ          (ΔW = s (B_p A_p)ᵀ, in × out)
       nn.Embedding:            A = B_eᵀ, B = A_eᵀ          (ΔW = s (B_e A_e)ᵀ, num_emb × dim)
-    dtype None keeps the stored dtype.
+    dtype None keeps the stored dtype. A factor holding NaN/Inf raises AdapterError naming the
+    adapter, module and tensor.
     """
     mod = _resolve(info, module)
     a = _load_raw(info, mod.file, mod.key_A)
     b = _load_raw(info, mod.file, mod.key_B)
+    key_a, key_b = mod.key_A, mod.key_B
     if mod.kind == "embedding" or mod.fan_in_fan_out:
         a, b = b.T, a.T
+        key_a, key_b = key_b, key_a
     if tuple(a.shape) != (mod.r, mod.m_in) or tuple(b.shape) != (mod.n_out, mod.r):
         raise AdapterError(
             f"adapter {info.ref!r}: module {mod.name!r} factors have shapes {tuple(a.shape)} / "
             f"{tuple(b.shape)}, expected {(mod.r, mod.m_in)} / {(mod.n_out, mod.r)}. The file "
             "changed since it was read; read the adapter again."
         )
-    a = a.to(device=device, dtype=dtype or a.dtype).contiguous()
-    b = b.to(device=device, dtype=dtype or b.dtype).contiguous()
+    where = f"module {mod.name}: "
+    a = _finite(info, where, key_a, a, device=device, dtype=dtype).contiguous()
+    b = _finite(info, where, key_b, b, device=device, dtype=dtype).contiguous()
     return a, b, mod.scaling
 
 
@@ -90,7 +146,7 @@ def load_full_tensor(
 ) -> torch.Tensor:
     """A modules_to_save / bias / embedding-layer tensor, by adapter key (see info.full_tensors).
 
-    Its base tensor name is info.full_tensors[key].weight_name.
+    Its base tensor name is info.full_tensors[key].weight_name. NaN/Inf raises AdapterError.
     """
     t = info.full_tensors.get(key)
     if t is None:
@@ -99,4 +155,24 @@ def load_full_tensor(
             f"{list(info.full_tensors)[:5]}."
         )
     x = _load_raw(info, t.file, key)
-    return x.to(device=device, dtype=dtype or x.dtype)
+    return _finite(info, f"{t.role} {t.weight_name}: ", key, x, device=device, dtype=dtype)
+
+
+def check_values(
+    info: AdapterInfo,
+    full_tensors: Iterable[str] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Read every LoRA factor of ``info`` (and the full tensors named, default all), one tensor
+    at a time, and raise AdapterError on the first NaN/Inf (or overflow of a cast to
+    ``dtype``), naming the module and tensor. Nothing is kept in memory."""
+    jobs = [
+        (f"module {m.name}: ", m.file, k) for m in info.modules.values() for k in (m.key_A, m.key_B)
+    ]
+    keys = info.full_tensors if full_tensors is None else full_tensors
+    for key in keys:
+        t = info.full_tensors[key]
+        jobs.append((f"{t.role} {t.weight_name}: ", t.file, key))
+    for where, file, key in jobs:
+        _finite(info, where, key, _load_raw(info, file, key), dtype=dtype)

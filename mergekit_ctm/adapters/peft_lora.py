@@ -54,6 +54,9 @@ _TORCH_TO_ST = {
     "bool": "BOOL",
 }
 
+# LoRA factors are real matrices: only these safetensors dtypes are read as factors.
+FACTOR_DTYPES = ("F16", "BF16", "F32", "F64")
+
 _LORA_SUFFIXES = {
     ".lora_A.weight": ("linear", "A"),
     ".lora_B.weight": ("linear", "B"),
@@ -370,7 +373,7 @@ def _read_bin_header(path: str, *, what: str = "") -> dict[str, dict[str, Any]]:
         sd = sd["state_dict"]
     return {
         k: {
-            "dtype": _TORCH_TO_ST.get(str(v.dtype).removeprefix("torch."), "F32"),
+            "dtype": _TORCH_TO_ST.get(name := str(v.dtype).removeprefix("torch."), name),
             "shape": tuple(v.shape),
         }
         for k, v in sd.items()
@@ -436,6 +439,35 @@ def _check_config(cfg: dict[str, Any], what: str) -> Any:
         raise AdapterError(f"{what}{CONFIG_NAME} is not a valid LoraConfig: {e}") from e
 
 
+def _check_rank_alpha(lcfg: Any, what: str) -> None:
+    """r and rank_pattern ranks are positive integers, lora_alpha and alpha_pattern values
+    positive finite numbers. PEFT's LoraConfig takes anything (r: 2.5, lora_alpha: 0): a zero
+    alpha makes every ΔW zero, a negative one flips it, a float rank is truncated."""
+    fix = f"set it in {CONFIG_NAME} to the value the adapter was trained with"
+
+    def rank(name: str, value: Any) -> None:
+        if type(value) is not int or value <= 0:
+            raise AdapterError(
+                f"{what}{name} is {value!r}; a LoRA rank must be a positive integer: {fix}."
+            )
+
+    def alpha(name: str, value: Any) -> None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            why = " (scaling = lora_alpha / r would make every ΔW zero)" if value == 0 else ""
+            raise AdapterError(
+                f"{what}{name} is {value!r}{why}; lora_alpha must be a positive finite "
+                f"number: {fix}."
+            )
+
+    rank("r", lcfg.r)
+    for key, value in (lcfg.rank_pattern or {}).items():
+        rank(f"rank_pattern[{key!r}]", value)
+    alpha("lora_alpha", lcfg.lora_alpha)
+    for key, value in (lcfg.alpha_pattern or {}).items():
+        alpha(f"alpha_pattern[{key!r}]", value)
+
+
 def resolve_rank_alpha(
     name: str, r: int, lora_alpha: float, rank_pattern: Mapping, alpha_pattern: Mapping
 ) -> tuple[int, float]:
@@ -466,6 +498,7 @@ def read_adapter(ref: Any, *, cache_dir: str | None = None) -> AdapterInfo:
     what = f"adapter {ref_str!r}: "
     cfg = _load_config(path, what)
     lcfg = _check_config(cfg, what)
+    _check_rank_alpha(lcfg, what)
 
     fname = _weights_file(path, what)
     fpath = os.path.join(path, fname)
@@ -516,6 +549,14 @@ def read_adapter(ref: Any, *, cache_dir: str | None = None) -> AdapterInfo:
                     "adapter file is incomplete; save it again."
                 )
         (key_a, kind_a), (key_b, kind_b) = h["A"], h["B"]
+        for key in (key_a, key_b):
+            if header[key]["dtype"] not in FACTOR_DTYPES:
+                raise AdapterError(
+                    f"{what}module {mod!r}: tensor {key!r} has dtype {header[key]['dtype']}; "
+                    f"LoRA factors must be floating point ({', '.join(FACTOR_DTYPES)}). The "
+                    "adapter file is corrupt or was not saved by PEFT; save it again with "
+                    "PeftModel.save_pretrained."
+                )
         if kind_a != kind_b:
             raise AdapterError(
                 f"{what}module {mod!r} mixes {key_a} and {key_b}; save the adapter again."

@@ -39,8 +39,7 @@ def describe_plan(plan: MergePlan) -> str:
         f"recipe OK: merge_method {plan.method}"
         + (f", base_rule {plan.base_rule}" if plan.base_rule else "")
         + f", output {plan.output}, dtype {plan.dtype} -> {plan.out_dtype}",
-        f"base model: {plan.base_model or '(unknown)'}"
-        + (f" ({plan.num_layers} layers)" if plan.num_layers else ""),
+        f"base model: {plan.base_model or '(unknown)'}{_base_detail(plan)}",
         f"adapters ({len(plan.adapters)}):",
     ]
     for i, info in enumerate(plan.adapters):
@@ -69,7 +68,20 @@ def describe_plan(plan: MergePlan) -> str:
         f"estimated peak working memory: {peak / 2**20:.2f} MiB (one module at a time, "
         "plus the interpreter and torch)"
     )
+    lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _base_detail(plan: MergePlan) -> str:
+    """What is known of the base: its layer count only when its config.json was read."""
+    if not plan.base_model:
+        return ""
+    if plan.num_layers_from_base:
+        return f" ({plan.num_layers} layers)"
+    return {
+        "hub": " (hub id, not checked offline)",
+        "missing": " (not on this machine, not checked)",
+    }.get(plan.base_status or "", " (no layer count in its config.json)")
 
 
 @dataclass

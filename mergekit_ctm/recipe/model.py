@@ -87,6 +87,42 @@ class Recipe(BaseModel):
 _NESTED = {"models": AdapterInput, "": Recipe}
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, line: int):
+        super().__init__(f"key {key!r} is given twice (line {first} and line {line})")
+        self.key, self.first, self.line = key, first, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last).
+
+    Still safe loading: only the standard tags, no Python objects.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` keys may be overridden on purpose
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen.setdefault(key, line)
+            except TypeError:
+                continue  # unhashable key: the base constructor reports it
+            if first is not None:
+                raise _DuplicateKey(key, first, line)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _drop_nulls(parameters: Any) -> Any:
+    """`name: null` in a `parameters:` mapping means "not set: use the default"."""
+    if isinstance(parameters, dict):
+        return {k: v for k, v in parameters.items() if v is not None}
+    return parameters
+
+
 def _format_error(err: dict[str, Any], raw: Any) -> str:
     loc = err.get("loc", ())
     path = ".".join(str(p) for p in loc)
@@ -116,10 +152,20 @@ def join_errors(head: str, errors: list[str]) -> str:
     return f"{head}:\n  " + "\n  ".join(errors)
 
 
-def load_yaml(text: str, where: str = "recipe") -> Any:
-    """Safe-load recipe YAML; a syntax error becomes one RecipeError line with its position."""
+def load_yaml(text: str, where: str = "recipe", *, unique_keys: bool = False) -> Any:
+    """Safe-load recipe YAML; a syntax error becomes one RecipeError line with its position.
+
+    unique_keys: refuse a key given twice in one mapping (PyYAML keeps the last), as
+    parse_recipe does for adapter recipes; off by default so full-model recipes that mergekit
+    accepts pass untouched.
+    """
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader if unique_keys else yaml.SafeLoader)
+    except _DuplicateKey as exc:
+        raise RecipeError(
+            f"{where}: key {exc.key!r} is given twice (line {exc.first} and line {exc.line}); "
+            "YAML would silently keep the last one. Keep one of them"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -130,7 +176,7 @@ def load_yaml(text: str, where: str = "recipe") -> Any:
 def parse_recipe(source: str | dict[str, Any]) -> Recipe:
     """YAML text or a dict -> Recipe; raises RecipeError naming every bad field."""
     if isinstance(source, str):
-        raw = load_yaml(source)
+        raw = load_yaml(source, unique_keys=True)
     else:
         raw = source
     if not isinstance(raw, dict):
@@ -138,6 +184,14 @@ def parse_recipe(source: str | dict[str, Any]) -> Recipe:
     if "models" in raw and isinstance(raw["models"], list):
         # A bare string entry is shorthand for {model: ...}.
         raw = {**raw, "models": [{"model": m} if isinstance(m, str) else m for m in raw["models"]]}
+        raw["models"] = [
+            {**m, "parameters": _drop_nulls(m["parameters"])}
+            if isinstance(m, dict) and "parameters" in m
+            else m
+            for m in raw["models"]
+        ]
+    if "parameters" in raw:
+        raw = {**raw, "parameters": _drop_nulls(raw["parameters"])}
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:

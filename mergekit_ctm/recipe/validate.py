@@ -10,14 +10,18 @@ mergekit's ``MergePlanner``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import types
+import typing
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
+from mergekit.config import ConditionalParameter, evaluate_setting
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from mergekit.parameter_resolver import resolve_parameter
 
@@ -84,6 +88,11 @@ class MergePlan:
     dense: tuple[DensePlan, ...]
     random_seed: int | None
     notes: list[str] = field(default_factory=list)
+    # How base_model was found (see locate_base): "local", "cached", "hub", "missing", or None
+    # without a base. Only "local" and "cached" were read; "hub" and "missing" are unchecked.
+    base_status: str | None = None
+    # num_layers was read from the base's config.json (else counted from the module names).
+    num_layers_from_base: bool = False
 
     @property
     def output(self) -> str:
@@ -119,15 +128,17 @@ def layer_t(name: str, num_layers: int) -> float:
     return min(1.0, int(m.group(1)) / (num_layers - 1))
 
 
-def _num_layers(base_model: str | None, module_names: Sequence[str]) -> int:
-    if base_model and os.path.isfile(os.path.join(base_model, "config.json")):
-        with open(os.path.join(base_model, "config.json"), encoding="utf-8") as f:
+def _num_layers(base_config: str | None, module_names: Sequence[str]) -> tuple[int, bool]:
+    """(number of layers, read from the base's config.json?) for gradients; without a readable
+    base config, one more than the highest layer index among the module names."""
+    if base_config and os.path.isfile(base_config):
+        with open(base_config, encoding="utf-8") as f:
             cfg = json.load(f)
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if isinstance(cfg.get(key), int):
-                return cfg[key]
+                return cfg[key], True
     idx = [int(m.group(1)) for n in module_names if (m := _LAYER_RE.search(n))]
-    return max(idx) + 1 if idx else 1
+    return (max(idx) + 1 if idx else 1), False
 
 
 def _where(model: int | None, adapters: Sequence[Any]) -> str:
@@ -217,18 +228,122 @@ def _read_adapters(recipe: Recipe, cache_dir: str | None) -> tuple[AdapterInfo, 
     return tuple(infos)
 
 
-def _base_model(recipe: Recipe, adapters: Sequence[AdapterInfo]) -> str | None:
-    if recipe.base_model:
-        return recipe.base_model
-    named = {a.base_ref for a in adapters if a.base_ref} or {
-        a.base_model_name_or_path for a in adapters if a.base_model_name_or_path
-    }
-    if len(named) > 1:
-        raise RecipeError(
-            f"the adapters name different base models ({', '.join(sorted(named))}); set "
-            "`base_model:` in the recipe to the one they were all trained on"
+# owner/name[@revision] as the Hugging Face hub spells repository ids; a bare name (legacy ids
+# such as gpt2) counts as a hub id only when it is in the local cache.
+_HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+_LEGACY_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+BASE_FIX = (
+    "set base_model to the base model's local directory or hub id, or leave it out to use "
+    "the adapters' base_model_name_or_path"
+)
+
+
+def locate_base(ref: str, cache_dir: str | None = None) -> tuple[str, str | None]:
+    """(status, path of its config.json or None) of a base model reference, offline.
+
+    status: "local" (an existing directory), "cached" (a hub id ``owner/name[@rev]``, or a
+    legacy bare id such as ``gpt2``, whose config.json is in the local Hugging Face cache),
+    "hub" (an ``owner/name`` id not in the cache: not checked, since merging adapters needs no
+    base on disk), "file" (an existing file, not a model directory) or "missing" (anything
+    else that does not exist: an absolute or ./relative path, a path with more slashes, a bare
+    name not in the cache).
+    """
+    if os.path.isdir(ref):
+        return "local", os.path.join(ref, "config.json")
+    if os.path.exists(ref):
+        return "file", None
+    repo, _, revision = ref.partition("@")
+    hub_id = bool(_HUB_ID.fullmatch(repo))
+    if not hub_id and not _LEGACY_ID.fullmatch(repo):
+        return "missing", None
+    try:
+        import huggingface_hub
+
+        hit = huggingface_hub.try_to_load_from_cache(
+            repo, "config.json", cache_dir=cache_dir, revision=revision or None
         )
-    return next(iter(named), None)
+    except Exception:
+        hit = None
+    if isinstance(hit, str):
+        return "cached", hit
+    return ("hub", None) if hub_id else ("missing", None)
+
+
+def _check_base_exists(
+    ref: str, where: str, cache_dir: str | None, fix: str = BASE_FIX
+) -> tuple[str, str | None]:
+    """locate_base, refusing a base that is a file or does not exist."""
+    status, config = locate_base(ref, cache_dir)
+    if status == "file":
+        raise RecipeError(f"{where}: {ref!r} is a file, not a model directory; {fix}")
+    if status == "missing":
+        raise RecipeError(f"{where}: {ref!r} does not exist; {fix}")
+    return status, config
+
+
+def _same_base(a: str, b: str) -> bool:
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _base_model(
+    recipe: Recipe,
+    adapters: Sequence[AdapterInfo],
+    cache_dir: str | None,
+    given: tuple[str, str | None] | None,
+) -> tuple[str | None, str | None, str | None, list[str]]:
+    """(base model, status, its config.json or None, notes); ``given``: locate_base of the
+    recipe's ``base_model``, already checked to exist.
+
+    The recipe's ``base_model`` and the base of a ``base+adapter`` reference were written by
+    the user: one that does not exist is an error (``build_plan`` checks the recipe's before
+    reading any adapter), and a ``base+adapter`` base that differs from ``base_model`` is
+    refused. A base taken from the adapters' ``base_model_name_or_path`` was written by the
+    training machine: a local path that does not exist here is only a note; the output keeps
+    it as its own ``base_model_name_or_path`` (what the inputs say), and the plan marks it
+    ``"missing"`` (not read, no layer count, no shape check).
+    """
+    notes: list[str] = []
+    for i, info in enumerate(adapters):
+        if not info.base_ref:
+            continue
+        where = f"models[{i}] ({info.ref}): base"
+        _check_base_exists(
+            info.base_ref,
+            where,
+            cache_dir,
+            "give the base model's local directory or hub id before the '+', or drop the base+",
+        )
+        if recipe.base_model and not _same_base(info.base_ref, recipe.base_model):
+            raise RecipeError(
+                f"{where} {info.base_ref!r} differs from base_model {recipe.base_model!r}; all "
+                "adapters merge onto one base: make them the same, or drop the base+ prefix"
+            )
+    if recipe.base_model and given is not None:
+        (status, config), base = given, recipe.base_model
+    else:
+        named = {a.base_ref for a in adapters if a.base_ref} or {
+            a.base_model_name_or_path for a in adapters if a.base_model_name_or_path
+        }
+        if len(named) > 1:
+            raise RecipeError(
+                f"the adapters name different base models ({', '.join(sorted(named))}); set "
+                "`base_model:` in the recipe to the one they were all trained on"
+            )
+        base = next(iter(named), None)
+        if base is None:
+            return None, None, None, notes
+        status, config = locate_base(base, cache_dir)
+        if status in ("missing", "file"):
+            status, config = "missing", None
+            notes.append(
+                f"base model {base!r} (the adapters' base_model_name_or_path) is not on this "
+                "machine: not checked; set base_model to check the adapters against it"
+            )
+    if status == "hub":
+        notes.append(f"base model {base!r}: hub id, not checked offline")
+    return base, status, config, notes
 
 
 def _base_shapes(base_model: str) -> dict[str, tuple[int, ...]] | None:
@@ -251,23 +366,178 @@ def _base_shapes(base_model: str) -> dict[str, tuple[int, ...]] | None:
     return shapes or None
 
 
-def _resolve(
-    p: ParameterSpec,
-    sources: Sequence[Mapping[str, Any] | None],
-    tensor_name: str,
-    t: float,
-    where: str,
-) -> Any:
+# --------------------------------------------------------------------------- parameter values
+
+# YAML 1.1 (PyYAML, so mergekit) reads `1e-3` as a string; mergekit takes it as a number.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+}
+
+
+def _kind(value_type: Any) -> str | None:
+    """'int' | 'float' | 'bool' | 'str' for a ParameterSpec value type; None if mixed/unknown."""
+    origin = typing.get_origin(value_type)
+    if origin is typing.Annotated:
+        return _kind(typing.get_args(value_type)[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_kind(a) for a in typing.get_args(value_type) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin is typing.Literal:
+        args = typing.get_args(value_type)
+        return "str" if all(isinstance(a, str) for a in args) else None
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(value_type)
+
+
+def _leaves(setting: Any) -> Iterator[tuple[str, Any]]:
+    """(where inside the setting, value) for every scalar a parameter setting holds."""
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+        single = True
+    else:
+        single = False
+    if not isinstance(setting, list):
+        yield "", setting
+        return
+    for k, item in enumerate(setting):
+        if isinstance(item, ConditionalParameter):
+            cond = f"filter {item.filter!r}" if item.filter is not None else "no filter"
+            if not single:
+                cond = f"entry {k + 1}, {cond}"
+            for inner, value in _leaves(item.value):
+                yield f"{cond}, {inner}" if inner else cond, value
+        else:
+            yield f"gradient value {k + 1} of {len(setting)}", item
+
+
+def _shown(value: Any) -> str:
+    """A value as the recipe spells it (true, 16.0, '16')."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _value_error(p: ParameterSpec, value: Any) -> str | None:
+    """Why one value written in the recipe is not valid for ``p``, or None when it is.
+
+    No coercion: an integer parameter takes an integer (not true, 16.0 or "16"), a number
+    parameter a number (an integer is fine; not true or "0.5"), and every number is finite.
+    The rule's own range checks (density in [0, 1], ...) run per module in ``_check_rule``,
+    with the other parameters' values for that module.
+    """
+    kind = _kind(p.value_type)
+    v = value
+    if kind == "float" and isinstance(v, str) and _SCIENTIFIC.fullmatch(v.strip()):
+        v = float(v)
+    ok = {
+        "int": type(v) is int,
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str),
+    }.get(kind or "", True)
+    if not ok:
+        what = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+        fix = ""
+        if isinstance(v, str) and kind in ("int", "float"):
+            fix = "; write the number without quotes"
+        elif kind == "int" and isinstance(v, float) and v.is_integer():
+            fix = f"; write {int(v)}"
+        got = what.get(type(value), type(value).__name__)
+        return f"must be {_EXPECTED[kind]}, got {_shown(value)} ({got}){fix}"
+    if kind == "float" and not math.isfinite(v):
+        return f"must be a finite number, got {_shown(value)}"
     try:
-        return resolve_parameter(p, sources, tensor_name=tensor_name, t=t)
+        p.validate(v)
+    except pydantic.ValidationError as exc:
+        return f"{exc.errors()[0].get('msg')} (got {_shown(value)})"
+    return None
+
+
+def _check_values(recipe: Recipe, own_specs: Sequence[ParameterSpec], rule: str | None) -> None:
+    """Every value written under ``parameters:`` (recipe and adapters), leaf by leaf, before any
+    adapter is read: the error names the level where the value was set, never a module."""
+    by_name = {p.name: p for p in (*own_specs, *(specs.rule_specs(rule) if rule else ()))}
+    levels = [("parameters", recipe.parameters)] + [
+        (f"models[{i}] ({m.model}).parameters", m.parameters) for i, m in enumerate(recipe.models)
+    ]
+    errors = []
+    for level, scope in levels:
+        for name, setting in (scope or {}).items():
+            p = by_name.get(name)
+            if p is None or name == "base_rule":  # names and base_rule are checked already
+                continue
+            for inner, value in _leaves(setting):
+                why = _value_error(p, value)
+                if why is not None:
+                    errors.append(f"{level}: {name!r}{f' ({inner})' if inner else ''}: {why}")
+    if len(errors) == 1:
+        raise RecipeError(errors[0])  # it names its level already
+    if errors:
+        raise RecipeError(join_errors("invalid parameter values", errors))
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a resolved value was set: the level's label, and whether it was one plain value
+    (else a ``filter:`` list or a gradient, which can differ per module)."""
+
+    level: str
+    scalar: bool
+
+
+Sources = Sequence[tuple[str, Mapping[str, Any] | None]]
+
+
+def _source(p: ParameterSpec, sources: Sources, tensor_name: str, t: float) -> _Source | None:
+    """The level whose setting mergekit's resolver takes for this tensor (None: the default)."""
+    for level, scope in sources:
+        if scope is None or p.name not in scope:
+            continue
+        setting = scope[p.name]
+        scalar = not isinstance(setting, (list, ConditionalParameter))
+        try:
+            found = evaluate_setting(tensor_name, setting, t, validate=p.validate) is not None
+        except (pydantic.ValidationError, RuntimeError):
+            found = True  # it fails here: this level is to blame
+        if found:
+            return _Source(level, scalar)
+    return None
+
+
+def _resolve(p: ParameterSpec, sources: Sources, tensor_name: str, t: float) -> Any:
+    """The value exactly as mergekit resolves it; every float must be finite. An error names
+    the level that set the value (found only then: resolution stays one pass)."""
+
+    def fail(why: str) -> RecipeError:
+        src = _source(p, sources, tensor_name, t)
+        level = src.level if src is not None else sources[-1][0]
+        at = "" if src is None or src.scalar else f" at {tensor_name} (from a filter or gradient)"
+        return RecipeError(f"{level}: {p.name!r}{at}: {why}")
+
+    try:
+        value = resolve_parameter(p, [scope for _, scope in sources], tensor_name=tensor_name, t=t)
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
-        raise RecipeError(
-            f"{where}: parameter {p.name!r} for module {tensor_name}: {err.get('msg')} "
-            f"(got {err.get('input')!r})"
-        ) from None
+        raise fail(f"{err.get('msg')} (got {err.get('input')!r})") from None
     except RuntimeError as exc:
-        raise RecipeError(f"{where}: {exc}") from None
+        raise fail(str(exc)) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise fail(f"must be a finite number, got {value}")
+    return value
+
+
+def _sources(recipe: Recipe, p: ParameterSpec, i: int) -> Sources:
+    """Where adapter i's value of ``p`` may be set, in mergekit's precedence order."""
+    top = ("parameters", recipe.parameters)
+    if p.scope == ParameterScope.SHARED:
+        return (top,)
+    return (
+        (f"models[{i}] ({recipe.models[i].model}).parameters", recipe.models[i].parameters),
+        top,
+    )
 
 
 def _rule_values(
@@ -276,32 +546,36 @@ def _rule_values(
     adapters: Sequence[int],
     tensor_name: str,
     t: float,
-    labels: Sequence[str],
 ) -> dict[str, Any]:
-    top = recipe.parameters
+    """Shared values as scalars, per-adapter ones as tuples over ``adapters``."""
     out: dict[str, Any] = {}
     for p in rule_spec:
         if p.scope == ParameterScope.SHARED:
-            out[p.name] = _resolve(p, (top,), tensor_name, t, "parameters")
+            out[p.name] = _resolve(p, _sources(recipe, p, -1), tensor_name, t)
         else:
             out[p.name] = tuple(
-                _resolve(
-                    p,
-                    (recipe.models[i].parameters, top),
-                    tensor_name,
-                    t,
-                    f"models[{i}] ({labels[i]})",
-                )
-                for i in adapters
+                _resolve(p, _sources(recipe, p, i), tensor_name, t) for i in adapters
             )
     return out
 
 
 def _check_rule(
-    rule: str, values: dict[str, Any], idx: Sequence[int], labels: Sequence[str], module: str
+    rule: str,
+    values: dict[str, Any],
+    recipe: Recipe,
+    idx: Sequence[int],
+    module: str,
+    tensor_name: str,
+    t: float,
 ) -> None:
-    """The rule's own range checks; a per-adapter failure names models[i]."""
+    """The rule's own checks (ranges, density ± epsilon, ...) on one module's values.
+
+    A failure names the level where the offending values were set (the recipe's
+    ``parameters`` or ``models[i]``), and the module only when one of them came from a
+    ``filter:`` list or a gradient, so it can differ between modules.
+    """
     bind = rules_mod.check_rule_params
+    rule_spec = {p.name: p for p in specs.rule_specs(rule)}
     as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     try:
         bind(rule, as_lists, len(idx))
@@ -312,9 +586,27 @@ def _check_rule(
         one = {k: [v[j]] if isinstance(v, list) else v for k, v in as_lists.items()}
         try:
             bind(rule, one, 1)
+            continue
         except RuleError as exc:
             msg = str(exc).replace(" (adapter 0)", "")
-            raise RecipeError(f"models[{i}] ({labels[i]}), module {module}: {msg}") from None
+        used = {
+            k: _source(rule_spec[k], _sources(recipe, rule_spec[k], i), tensor_name, t) for k in one
+        }
+        # The set values whose reset to the default makes the check pass are the culprits.
+        culprits = []
+        for k, src in used.items():
+            if src is None:
+                continue
+            try:
+                bind(rule, {**one, k: rule_spec[k].default}, 1)
+                culprits.append(src)
+            except RuleError:
+                pass
+        culprits = culprits or [s for s in used.values() if s is not None]
+        own = [s for s in culprits if s.level != "parameters"]
+        level = own[0].level if own else "parameters"
+        at = "" if all(s.scalar for s in culprits) else f", module {module}"
+        raise RecipeError(f"{level}{at}: {msg}") from None
     raise RecipeError(f"module {module}: {whole}") from None
 
 
@@ -339,9 +631,13 @@ def build_plan(
         )
     rule = _base_rule(recipe, method)
     _check_parameter_names(recipe, method, rule)
+    _check_values(recipe, specs.OWN_PARAMETERS[method], rule)
+    given = None
+    if recipe.base_model:  # before any adapter is read (or downloaded)
+        given = _check_base_exists(recipe.base_model, "base_model", cache_dir)
     adapters = _read_adapters(recipe, cache_dir)
     labels = [a.ref for a in adapters]
-    base_model = _base_model(recipe, adapters)
+    base_model, base_status, base_config, notes = _base_model(recipe, adapters, cache_dir, given)
     if recipe.output == "model" and not (base_model and os.path.isdir(base_model)):
         raise RecipeError(
             f"output: model needs the base model as a local directory; base_model is "
@@ -361,7 +657,7 @@ def build_plan(
     for i, info in enumerate(adapters):
         for name in info.modules:
             owners.setdefault(name, []).append(i)
-    num_layers = _num_layers(base_model, list(owners))
+    num_layers, layers_from_base = _num_layers(base_config, list(owners))
     own_specs = specs.OWN_PARAMETERS[method]
     rule_spec = specs.rule_specs(rule) if rule else ()
 
@@ -379,12 +675,12 @@ def build_plan(
         tensor_name = first.weight_name
         t = layer_t(name, num_layers)
         own = {
-            p.name: _resolve(p, (recipe.parameters,), tensor_name, t, "parameters")
+            p.name: _resolve(p, (("parameters", recipe.parameters),), tensor_name, t)
             for p in own_specs
         }
-        rvals = _rule_values(rule_spec, recipe, idx, tensor_name, t, labels)
+        rvals = _rule_values(rule_spec, recipe, idx, tensor_name, t)
         if rule:
-            _check_rule(rule, rvals, idx, labels, name)
+            _check_rule(rule, rvals, recipe, idx, name, tensor_name, t)
         modules.append(
             ModulePlan(
                 name=name,
@@ -415,6 +711,9 @@ def build_plan(
         modules=tuple(modules),
         dense=dense,
         random_seed=random_seed,
+        notes=notes,
+        base_status=base_status,
+        num_layers_from_base=layers_from_base,
     )
 
 
@@ -451,9 +750,7 @@ def _dense_plans(
         idx = tuple(i for i, _ in items)
         t = layer_t(weight_name, num_layers)
         # Per-adapter values of the base rule apply to dense tensors too (weight, density, ...).
-        rvals = (
-            _rule_values(rule_spec, recipe, idx, weight_name, t, labels) if drule == rule else {}
-        )
+        rvals = _rule_values(rule_spec, recipe, idx, weight_name, t) if drule == rule else {}
         out.append(
             DensePlan(
                 key=first.key,
@@ -467,3 +764,25 @@ def _dense_plans(
             )
         )
     return tuple(out)
+
+
+def check_tensor_values(plan: MergePlan) -> None:
+    """Read every tensor the merge will read (each adapter's LoRA factors and the
+    modules_to_save / bias tensors the plan merges), one at a time, and raise RecipeError on
+    the first NaN/Inf, or on a value the cast to the recipe's ``dtype`` overflows.
+
+    ``build_plan`` reads headers only; this is the data check of ``mergekit-ctm validate``.
+    The merge itself checks each tensor as it loads it (``adapters.loading``), so a merge
+    never writes an output from non-finite input even without this call.
+    """
+    import torch
+
+    from mergekit_ctm.adapters.loading import check_values
+
+    dtype = torch.float64 if plan.dtype == "float64" else torch.float32  # the math dtype
+    for i, info in enumerate(plan.adapters):
+        keys = [k for d in plan.dense for j, k in d.sources if j == i]
+        try:
+            check_values(info, keys, dtype=dtype)
+        except AdapterError as exc:
+            raise RecipeError(f"models[{i}]: {exc}") from None
