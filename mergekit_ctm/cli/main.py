@@ -52,15 +52,20 @@ def merge_cmd(merge_options: MergeOptions, recipe: str, out_path: str) -> None:
         click.echo(f"wrote {out_path}" + (f" ({len(ranks)} modules)" if ranks else ""))
 
 
-@main.command("validate", help="Check RECIPE and every adapter; print the plan (no tensor math).")
+@main.command(
+    "validate",
+    help="Check RECIPE and every adapter (every tensor finite); print the plan (no merge math).",
+)
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--random-seed", type=int, default=None, help="seed used for per-module seeds")
 def validate_cmd(recipe: str, random_seed: int | None) -> None:
     from mergekit_ctm.cli.report import describe_plan
     from mergekit_ctm.recipe import build_plan
+    from mergekit_ctm.recipe.validate import check_tensor_values
 
     with one_line_errors(PROG):
         plan = build_plan(_read(recipe), random_seed=random_seed)
+        check_tensor_values(plan)
         click.echo(describe_plan(plan))
 
 

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from mergekit_ctm.plan.specs import METHOD_NAMES
+from mergekit_ctm.recipe.model import load_yaml
 
 _MARK = "__mergekit_ctm_original__"
 
@@ -77,7 +78,7 @@ def check_recipe_text(text: str, where: str) -> None:
     structural error our strict model finds. Valid recipes of any method pass untouched."""
     from mergekit.merge_methods import registry
 
-    from mergekit_ctm.recipe.model import RecipeError, load_yaml, parse_recipe, suggest
+    from mergekit_ctm.recipe.model import RecipeError, parse_recipe, suggest
 
     raw = load_yaml(text, where)
     if raw is None:
@@ -92,7 +93,7 @@ def check_recipe_text(text: str, where: str) -> None:
             f"{suggest(method, known)}; adapter merges use one of {', '.join(METHOD_NAMES)}"
         )
     if method in METHOD_NAMES:
-        parse_recipe(raw)
+        parse_recipe(text)  # strict: duplicate keys, types, unknown keys
     elif adapters := _plain_adapter_refs(raw):
         where_, ref = adapters[0]
         raise RecipeError(
@@ -120,6 +121,22 @@ def _plain_adapter_refs(raw: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _run_adapter_recipe(text: str, path: str, kwargs: dict[str, Any]) -> Any:
+    """What mergekit-yaml does, for our recipes, without MergeConfiguration: it refuses
+    forms our recipe model accepts (``rank: null``, a bare string under ``models:``) and
+    drops keys such as ``output:``. The options are built exactly as mergekit's
+    ``add_merge_options`` builds them."""
+    from mergekit.options import MergeOptions
+
+    from mergekit_ctm.plan.run import run_adapter_merge
+
+    options = MergeOptions(**{k: v for k, v in kwargs.items() if k in MergeOptions.model_fields})
+    options.apply_global_options()
+    return run_adapter_merge(
+        text, kwargs["out_path"], options=options, config_source=text, recipe_path=path
+    )
+
+
 def wrap_run_yaml(module: Any) -> None:
     """Make ``mergekit-yaml`` (mergekit.scripts.run_yaml.main) fail in one line (idempotent)."""
     command = module.main
@@ -144,6 +161,8 @@ def wrap_run_yaml(module: Any) -> None:
 
                     raise RecipeError(f"cannot read recipe {path!r}: {exc}") from None
                 check_recipe_text(text, path)
+                if is_adapter_recipe(load_yaml(text, path)):
+                    return _run_adapter_recipe(text, path, kwargs)
             try:
                 return original(*args, **kwargs)
             except pydantic.ValidationError as exc:

@@ -309,6 +309,67 @@ CASES: list[Case] = [
         2,
         ("models[1]",),
     ),
+    # ---- numbers and values (recipe and tensors)
+    Case("lambda-nan", params(**{"lambda": float("nan")}), 2, ("'lambda'", "finite")),
+    Case("lambda-inf", params(**{"lambda": float("inf")}), 2, ("'lambda'", "finite")),
+    Case("weight-inf", adapter_params(1, weight=float("inf")), 2, ("weight", "finite")),
+    Case("rank-true", params(rank=True), 2, ("'rank'", "integer")),
+    Case("rank-float", params(rank=16.0), 2, ("'rank'", "write 16")),
+    Case("beta-bool", params(beta=False), 2, ("'beta'",)),
+    Case(
+        "duplicate-key",
+        raw("merge_method: ctm\nmerge_method: ctm\nmodels: []\n"),
+        2,
+        ("given twice", "line 1 and line 2"),
+    ),
+    Case(
+        "density-recipe-level",
+        both(
+            recipe(models=[{"model": "adapters/a0"}, {"model": "adapters/a1"}]), params(density=1.5)
+        ),
+        2,
+        ("parameters", "density", "[0, 1]"),
+    ),
+    Case(
+        "base-missing", recipe(base_model="/nonexistent/base"), 2, ("base_model", "does not exist")
+    ),
+    Case(
+        "nan-in-lora-B",
+        with_tensor(0, poke("lora_B.weight", float("nan"))),
+        2,
+        ("adapters/a0", "lora_B.weight", "NaN/Inf"),
+    ),
+    Case(
+        "inf-in-lora-A-lego",
+        both(
+            recipe(
+                merge_method="lora_lego",
+                parameters={"rank": 4},
+                models=[{"model": "adapters/a0"}, {"model": "adapters/a1"}],
+            ),
+            with_tensor(1, poke("lora_A.weight", float("inf"))),
+        ),
+        2,
+        ("lora_A.weight", "NaN/Inf"),
+    ),
+    Case("int-tensor", with_tensor(0, as_int("lora_A.weight")), 2, ("models[0]", "I32")),
+    Case("lora-alpha-zero", with_config(1, lora_alpha=0), 2, ("lora_alpha is 0",)),
+    Case(
+        "validate-nan",
+        with_tensor(1, poke("lora_B.weight", float("inf"))),
+        2,
+        ("models[1]", "NaN/Inf"),
+        argv=("validate", "recipe.yml"),
+        tool="mergekit-ctm",
+    ),
+    Case(
+        "validate-base-missing",
+        recipe(base_model="./nope"),
+        2,
+        ("does not exist",),
+        argv=("validate", "recipe.yml"),
+        tool="mergekit-ctm",
+    ),
     # ---- output paths
     Case("out-is-cwd", None, 2, ("contains the input adapter",), argv=("recipe.yml", ".")),
     Case("out-is-adapter", None, 2, ("is the input adapter",), argv=("recipe.yml", "adapters/a0")),
@@ -468,4 +529,13 @@ def test_bad_input(case: Case, example, tmp_path, monkeypatch, other_shaped_adap
 
 
 def test_matrix_size():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_null_means_omit_through_mergekit_yaml(example, tmp_path):
+    """``rank: null`` takes the default (mergekit's own parser refuses null values)."""
+    root = make_project(example, tmp_path / "project")
+    params(rank=None, beta=None)(root)
+    res = run_command(["recipe.yml", "out", "--quiet"], root)
+    assert res.code == 0, res.stderr
+    assert (root / "out" / "adapter_model.safetensors").exists()

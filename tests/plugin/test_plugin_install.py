@@ -79,6 +79,7 @@ PACKAGES = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PACKAGES)
 def test_each_package_imports_alone_without_touching_mergekit(name):
     """A fresh interpreter imports the package on its own (no import cycles), and importing
