@@ -666,6 +666,19 @@ def test_matrix_rule_methods_merge_deltas_from_the_base():
         torch.testing.assert_close(out_b, ref_b, **TOL)
 
 
+@pytest.mark.parametrize("shape", [(0,), (0, 4), (4, 0)])
+@pytest.mark.parametrize("name", ["iso_c", "iso_cts", "tsv", "pcb", "robustmerge"])
+def test_matrix_rule_methods_merge_empty_weights(name, shape):
+    """mergekit's state-dict interface merges empty tensors like its own methods do (PCB and
+    RobustMerge used to raise on their top-k thresholds)."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    method = {m.spec.name: m for m in matrix_rule_methods()}[name]
+    models = [{"w": torch.zeros(shape, dtype=F64)} for _ in range(3)]
+    out = merge_state_dicts(models, method, base=0, parameters={"weight": 1.0})["w"]
+    assert out.shape == shape and out.dtype == F64
+
+
 # ---------------------------------------------------------------- CUDA
 
 
