@@ -54,6 +54,10 @@ class MatrixRuleMethod(GroupMergeMethod):
         entries = group.non_base
         if not entries:
             return base
+        if base.numel() == 0:
+            # An empty weight merges to itself, as with mergekit's own methods (PCB's and
+            # RobustMerge's top-k thresholds have no entry to rank and would raise).
+            return base.clone()
         deltas = [e.tensor - base for e in entries]
         kwargs = per_input(parameters, entries)
         if base.ndim == 2 or self.name in ANY_SHAPE_RULES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mergekit_ctm.engine.matrix_rules import MATRIX_RULE_NAMES
@@ -39,3 +40,15 @@ def test_matrix_rule_methods_merge_deltas_from_the_base():
             mean = sum(w * d for w, d in zip(params["weight"], bias_deltas, strict=True)) / 3
             ref_b = bias + 0.8 * mean
         torch.testing.assert_close(out_b, ref_b, **TOL)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 4), (4, 0)])
+@pytest.mark.parametrize("name", ["iso_c", "iso_cts", "tsv", "pcb", "robustmerge"])
+def test_matrix_rule_methods_merge_empty_weights(name, shape):
+    """mergekit's state-dict interface merges empty tensors like its own methods do (PCB and
+    RobustMerge used to raise on their top-k thresholds)."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    models = [{"w": torch.zeros(shape, dtype=F64)} for _ in range(3)]
+    out = merge_state_dicts(models, MatrixRuleMethod(name), base=0, parameters={"weight": 1.0})
+    assert out["w"].shape == shape and out["w"].dtype == F64
