@@ -9,10 +9,6 @@ Backends (``backend=``):
   ~3 s of interpreter start-up per merge. Used for the validation search (hundreds of merges);
   the selected configuration is re-merged with ``mergekit-yaml`` and its test accuracy taken
   from that directory.
-* ``"engine"``: TEMPORARY fallback while the planner was not finished: calls
-  ``mergekit_ctm.engine.merge_lora`` per module and writes the PEFT dir with
-  ``mergekit_ctm.adapters``. Never used for the published report (``run.py`` refuses it unless
-  ``--allow-engine-fallback``).
 
 PEFT's own ``add_weighted_adapter`` baselines (``svd``, ``ties_svd``) run directly through PEFT.
 """
@@ -31,7 +27,10 @@ from typing import Any
 import torch
 import yaml
 
+from mergekit_ctm.engine.methods import METHODS
+
 BETAS = (0.0, 0.25, 0.5, 0.75)
+CTM_DEFAULTS = METHODS["ctm"].defaults()
 DENSITIES = (0.3, 0.6)
 
 
@@ -129,9 +128,10 @@ def make_recipe(
     rank: int,
     hp: dict[str, Any],
     lam: float = 1.0,
-    hooi_iters: int = 500,
+    hooi_iters: int | None = None,
 ) -> dict[str, Any]:
-    """The mergekit recipe (as a dict) of one merge; see /work/shared/DESIGN.md for the format."""
+    """The mergekit recipe (as a dict) of one merge (docs/usage.md: recipes); unset
+    hyperparameters take the method's declared defaults (engine/methods.py)."""
     if method.family == "peft":
         raise ValueError(f"{method.key} runs through PEFT directly, it has no mergekit recipe")
     per_model: dict[str, Any] = {"weight": 1.0}
@@ -143,8 +143,8 @@ def make_recipe(
     if not method.lossless:
         params["rank"] = int(rank)
     if method.family == "ctm":
-        params["beta"] = float(hp.get("beta", 0.5))
-        params["hooi_iters"] = int(hooi_iters)
+        params["beta"] = float(hp.get("beta", CTM_DEFAULTS["beta"]))
+        params["hooi_iters"] = int(hooi_iters or CTM_DEFAULTS["hooi_iters"])
     if method.family == "mtc":
         params["space"] = method.space
     if method.rule == "iso_cts":  # the CtM paper's setting: r − T common directions, 1 per task
@@ -206,47 +206,6 @@ def run_inprocess(recipe: dict[str, Any], out_dir: Path, *, seed: int = 0) -> No
         raise MergeFailed(f"in-process merge failed: {type(e).__name__}: {e}") from e
 
 
-def run_engine_fallback(recipe: dict[str, Any], out_dir: Path, *, seed: int = 0) -> None:
-    """TEMPORARY: engine.merge_lora per module + mergekit_ctm.adapters writer (no planner)."""
-    from mergekit_ctm.adapters import (
-        build_adapter_config,
-        load_factors,
-        read_adapter,
-        to_peft_tensors,
-        write_adapter,
-    )
-    from mergekit_ctm.engine import merge_lora
-
-    infos = [read_adapter(m["model"]) for m in recipe["models"]]
-    p = recipe["parameters"]
-    per = recipe["models"][0].get("parameters", {})
-    rule_params = {k: v for k, v in per.items()}
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    for i, name in enumerate(sorted(infos[0].modules)):
-        facs = [load_factors(info, name, dtype=torch.float32) for info in infos]
-        out = merge_lora(
-            [f[0] for f in facs],
-            [f[1] for f in facs],
-            [f[2] for f in facs],
-            method=recipe["merge_method"],
-            rank=p.get("rank"),
-            beta=p.get("beta", 0.5),
-            base_rule=p.get("base_rule", "task_arithmetic"),
-            rule_params=rule_params,
-            space=p.get("space", "full"),
-            hooi_iters=p.get("hooi_iters", 500),
-            lam=p.get("lambda", 1.0),
-            seed=seed * 100003 + i,
-        )
-        if out.rank == 0:
-            continue
-        tensors.update(to_peft_tensors(infos[0].modules[name], out.A, out.B))
-        ranks[name] = out.rank
-    cfg = build_adapter_config(ranks, inputs=infos)
-    write_adapter(out_dir, tensors, cfg)
-
-
 def merge(
     recipe: dict[str, Any], out_dir: Path, *, backend: str, seed: int = 0, workdir: Path
 ) -> Path:
@@ -256,20 +215,9 @@ def merge(
         run_mergekit_yaml(path, out_dir, seed=seed)
     elif backend == "inprocess":
         run_inprocess(recipe, out_dir, seed=seed)
-    elif backend == "engine":
-        run_engine_fallback(recipe, out_dir, seed=seed)
     else:
-        raise ValueError(f"unknown backend {backend!r}; use mergekit-yaml | inprocess | engine")
+        raise ValueError(f"unknown backend {backend!r}; use mergekit-yaml | inprocess")
     return out_dir
-
-
-def plugin_available() -> bool:
-    """True when the mergekit plugin routes adapter recipes (``mergekit_ctm.plan.run`` exists)."""
-    try:
-        import mergekit_ctm.plan.run  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -31,22 +30,9 @@ ENERGY_METHODS = ("ctm/task_arithmetic", "mtc-full/task_arithmetic", "ctm/ties",
 SMOKE_METHODS = ("ctm/ties", "mtc-full/ties", "peft/svd", "core_space-lossless/task_arithmetic")
 
 
-def pick_backends(requested: str, allow_fallback: bool) -> tuple[str, str]:
-    """(search backend, final backend). ``auto``: the plugin when installed, else refuse."""
-    if requested == "auto":
-        if mg.plugin_available():
-            return "inprocess", "mergekit-yaml"
-        if not allow_fallback:
-            sys.exit(
-                "the mergekit plugin (mergekit_ctm.plan.run) is not available; pass "
-                "--allow-engine-fallback to use the TEMPORARY engine path (not for the report)"
-            )
-        return "engine", "engine"
-    if requested == "engine" and not allow_fallback:
-        sys.exit(
-            "--backend engine needs --allow-engine-fallback (temporary path, not for the report)"
-        )
-    if requested == "inprocess":
+def pick_backends(requested: str) -> tuple[str, str]:
+    """(search backend, final backend): searches run in-process, finals through mergekit-yaml."""
+    if requested in ("auto", "inprocess"):
         return "inprocess", "mergekit-yaml"
     return requested, requested
 
@@ -73,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     suite = build(cfg, cache_root=Path(args.cache) if args.cache else None, log=log)
     build_s = time.time() - t0
-    search_backend, final_backend = pick_backends(args.backend, args.allow_engine_fallback)
+    search_backend, final_backend = pick_backends(args.backend)
     log(
         f"[run] suite {suite.root} built/loaded in {build_s:.0f}s; backends {search_backend} "
         f"(search) / {final_backend} (final)"
@@ -166,11 +152,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-ranks", type=int, nargs="*", default=[4, 8, 16, 32, 64])
     p.add_argument("--sweep-seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--methods", nargs="*", default=None, help="method keys (default: all)")
-    p.add_argument(
-        "--backend", default="auto", choices=["auto", "mergekit-yaml", "inprocess", "engine"]
-    )
-    p.add_argument("--allow-engine-fallback", action="store_true")
-    p.add_argument("--hooi-iters", type=int, default=500)
+    p.add_argument("--backend", default="auto", choices=["auto", "mergekit-yaml", "inprocess"])
+    p.add_argument("--hooi-iters", type=int, default=None, help="default: the method's")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="2 tasks, tiny model (the test's setting)")
     p.add_argument("--cache", default=None, help="cache root (default bench/quality/.cache)")

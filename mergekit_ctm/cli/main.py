@@ -90,7 +90,7 @@ def inspect_cmd(out_path: str, inputs: tuple[str, ...], plot: str | None) -> Non
             click.echo(f"wrote {plot}")
 
 
-@main.command("reference", help="Print (or write) docs/reference.md from the registered specs.")
+@main.command("reference", help="Print (or write) docs/reference.md from the method descriptions.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
 def reference_cmd(output: str | None) -> None:
     from mergekit_ctm.cli.reference import reference_markdown

@@ -8,14 +8,17 @@ No file I/O, YAML or mergekit planner here. Entry point::
     out.B @ out.A   # merged ΔW, scaling 1
 """
 
-from mergekit_ctm.engine.api import METHODS, SPACES, merge_lora, merge_lora_many
+from mergekit_ctm.engine.api import merge_lora, merge_lora_many
 from mergekit_ctm.engine.core import CoreSpace, build_core_space
+from mergekit_ctm.engine.methods import METHOD_NAMES, METHODS, SPACES, MergeMethodDef
 from mergekit_ctm.engine.tucker import Tucker2Result, tucker2, tucker2_batch, tucker2_dense
 from mergekit_ctm.engine.types import MergedLora
 
 __all__ = [
     "METHODS",
+    "METHOD_NAMES",
     "SPACES",
+    "MergeMethodDef",
     "CoreSpace",
     "MergedLora",
     "Tucker2Result",

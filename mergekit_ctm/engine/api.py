@@ -1,21 +1,26 @@
-"""Public entry points of the engine: ``merge_lora`` and ``merge_lora_many``."""
+"""Public entry points of the engine: ``merge_lora`` and ``merge_lora_many``.
+
+Method parameters, their defaults and constraints come from :mod:`.methods`, one description
+per method; they arrive here under their declared names (``lambda`` too; ``lam`` is accepted
+as its Python spelling).
+"""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from mergekit_ctm.engine import pipelines
-from mergekit_ctm.engine.lego import lora_lego
 from mergekit_ctm.engine.linalg import tiny_cpu_ops
+from mergekit_ctm.engine.methods import (
+    METHODS,
+    MergeMethodDef,
+    get_method,
+    run_ctm_many,
+)
 from mergekit_ctm.engine.types import MergedLora
-
-METHODS = ("ctm", "core_space", "mtc", "lora_lego")
-SPACES = ("full", "knots", "core")
 
 
 def _check_inputs(As, Bs, scalings) -> tuple[int, int]:
@@ -64,19 +69,25 @@ def _zero_update(As, Bs, method: str, rank: int | None, dtype) -> MergedLora:
     return out
 
 
-def _check_params(method, rank, beta, space, dtype) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
-    if rank is None and method != "core_space":
+def _bind(method: str, params: Mapping[str, Any], dtype) -> tuple[MergeMethodDef, dict[str, Any]]:
+    """The method and its parameters, validated against its description, defaults filled."""
+    definition = get_method(method)
+    params = dict(params)
+    if "lam" in params:
+        params["lambda"] = params.pop("lam")
+    if "rank" in params and params["rank"] is None and method != "core_space":
         raise ValueError(f"method {method!r} needs a rank (only core_space can be lossless)")
-    if rank is not None and rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if space not in SPACES:
-        raise ValueError(f"unknown space {space!r}; expected one of: {', '.join(SPACES)}")
+    # A parameter of another method (beta for mtc, ...) is checked against its own
+    # declaration and not used, so one set of keyword arguments serves every method.
+    others = {p.name: (m, p) for m in METHODS.values() for p in m.parameters}
+    for name in set(params) - set(definition.parameter_names):
+        if name in others:
+            m, _ = others[name]
+            m.bind({name: params.pop(name)})
+    bound = definition.bind(params)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"math dtype must be torch.float32 or torch.float64, got {dtype}")
+    return definition, bound
 
 
 def _note_rank(out: MergedLora) -> MergedLora:
@@ -94,70 +105,39 @@ def merge_lora(
     scalings: Sequence[float],
     *,
     method: str = "ctm",
-    rank: int | None = 16,
-    beta: float = 0.5,
-    base_rule: str = "task_arithmetic",
     rule_params: Mapping[str, Any] | None = None,
-    space: str = "full",
-    hooi_iters: int = 500,
-    hooi_tol: float = 1e-10,
-    lam: float = 1.0,
     seed: int | None = None,
     dtype: torch.dtype = torch.float32,
-    lego_iters: int = 100,
+    **params: Any,
 ) -> MergedLora:
     """Merge T LoRA updates ΔWₜ = sₜ Bₜ Aₜ into one LoRA: ΔW = B A with rank ≤ ``rank``.
 
     Args:
         As, Bs, scalings: Aₜ (rₜ × m), Bₜ (n × rₜ), sₜ; ranks may differ. Any float dtype
             (bf16 is upcast: SVDs never run in half precision); all on one device.
-        method: "ctm" | "core_space" | "mtc" | "lora_lego".
-        rank: target rank r. ``None`` only for ``core_space`` (lossless, rank Σ rₜ).
-        beta: Eq. 4 reweighting in [0, 1], used only to learn the ctm subspaces.
-        base_rule, rule_params: merge rule ℳ and its mergekit-style parameters
-            (per-adapter ``weight``, ``density``, …); see ``engine.rules``.
-        space: where ``mtc`` merges: "full" (dense ΔW, what PEFT's ``*_svd`` does), "knots"
-            or "core" (identical to ``core_space`` with a rank).
-        hooi_iters, hooi_tol: HOOI sweep cap (one sweep updates U and V) and the tolerance on
-            the change of relative error between sweeps.
-        lam: global scale λ of the merged update, applied once after the rule.
+        method: "ctm" | "core_space" | "mtc" | "lora_lego" (:data:`.methods.METHODS`).
+        rule_params: the base rule's mergekit-style parameters (per-adapter ``weight``,
+            ``density``, …); see ``engine.rules``.
         seed: per-module seed for random rules (DARE, DELLA) and LoRA-LEGO's k-means.
         dtype: math dtype (float32 | float64) of the n × Σrₜ work; the core is float64.
+        **params: the method's own parameters by their declared names, e.g. ``rank``,
+            ``beta``, ``base_rule``, ``space``, ``hooi_iters``, ``hooi_tol``, ``lambda``
+            (or ``lam``); defaults and constraints as :mod:`.methods` declares them
+            (``rank=None`` only for core_space: lossless, rank Σ rₜ).
 
     Returns:
         MergedLora with balanced factors, scaling 1, ``rank`` ≤ requested (fewer when the
         inputs span fewer directions; ``info`` says so).
     """
     _check_inputs(As, Bs, scalings)
-    _check_params(method, rank, beta, space, dtype)
+    definition, p = _bind(method, params, dtype)
     if _all_zero(As, Bs, scalings):
-        return _zero_update(As, Bs, method, rank, dtype)
-    common = dict(base_rule=base_rule, rule_params=rule_params, lam=lam, seed=seed, dtype=dtype)
-    if method == "ctm":
-        out = pipelines.ctm(
-            As,
-            Bs,
-            scalings,
-            rank=rank,
-            beta=beta,
-            hooi_iters=hooi_iters,
-            hooi_tol=hooi_tol,
-            **common,
-        )
-    elif method == "core_space":
-        out = pipelines.core_space(As, Bs, scalings, rank=rank, **common)
-    elif method == "mtc":
-        out = pipelines.mtc(As, Bs, scalings, rank=rank, space=space, **common)
-    else:
-        B_f, A_f, info = lora_lego(
-            As, Bs, scalings, rank=rank, seed=seed, dtype=dtype, iters=lego_iters
-        )
-        out = pipelines._factored_lift(B_f, A_f, rank, lam, dtype, info)
+        return _zero_update(As, Bs, method, p.get("rank"), dtype)
+    out = definition.run(As, Bs, scalings, p, rule_params=rule_params, seed=seed, dtype=dtype)
     return _note_rank(out)
 
 
 MAX_CHUNK = 16  # modules per batched solve; larger batches hold the GIL less per module
-_CTM_PARAMS = ("rank", "beta", "base_rule", "rule_params", "hooi_iters", "hooi_tol", "lam", "dtype")
 
 
 def merge_lora_many(
@@ -166,6 +146,8 @@ def merge_lora_many(
     seeds: Sequence[int | None] | None = None,
     method: str = "ctm",
     workers: int | None = None,
+    rule_params: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
     **params: Any,
 ) -> list[MergedLora]:
     """``merge_lora`` over many modules (each an (As, Bs, scalings) triple), same parameters.
@@ -181,33 +163,43 @@ def merge_lora_many(
     """
     default_seed = params.pop("seed", None)
     seeds = list(seeds) if seeds is not None else [default_seed] * len(modules)
+    _, p = _bind(method, params, dtype)
     if len(seeds) != len(modules):
         raise ValueError(f"got {len(seeds)} seeds for {len(modules)} modules")
     for As, Bs, s in modules:
         _check_inputs(As, Bs, s)
     if method == "ctm":
-        defaults = {
-            name: arg.default
-            for name, arg in inspect.signature(merge_lora).parameters.items()
-            if name in _CTM_PARAMS
-        }
-        p = defaults | params
-        _check_params("ctm", p["rank"], p["beta"], "full", p["dtype"])
 
         def run(idx: range) -> list[MergedLora]:
             live = [i for i in idx if not _all_zero(*modules[i])]
-            outs = pipelines.ctm_many([modules[i] for i in live], [seeds[i] for i in live], **p)
+            outs = run_ctm_many(
+                [modules[i] for i in live],
+                [seeds[i] for i in live],
+                p,
+                rule_params=rule_params,
+                dtype=dtype,
+            )
             done = dict(zip(live, outs))
             return [
                 _note_rank(done[i])
                 if i in done
-                else _zero_update(modules[i][0], modules[i][1], "ctm", p["rank"], p["dtype"])
+                else _zero_update(modules[i][0], modules[i][1], "ctm", p["rank"], dtype)
                 for i in idx
             ]
     else:
 
         def run(idx: range) -> list[MergedLora]:
-            return [merge_lora(*modules[i], method=method, seed=seeds[i], **params) for i in idx]
+            return [
+                merge_lora(
+                    *modules[i],
+                    method=method,
+                    seed=seeds[i],
+                    rule_params=rule_params,
+                    dtype=dtype,
+                    **params,
+                )
+                for i in idx
+            ]
 
     on_cpu = all(t.device.type == "cpu" for As, Bs, _ in modules for t in (*As, *Bs))
     if workers is None:

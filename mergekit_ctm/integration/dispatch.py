@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from mergekit_ctm.plan.specs import METHOD_NAMES
+from mergekit_ctm.engine.methods import METHOD_NAMES
 from mergekit_ctm.recipe.model import load_yaml
 
 _MARK = "__mergekit_ctm_original__"

@@ -20,8 +20,24 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_ctm.engine import matrix_rules
+from mergekit_ctm.engine.methods import METHODS
 from mergekit_ctm.engine.rules import ANY_SHAPE_RULES, merge_matrices
-from mergekit_ctm.plan.specs import method_spec
+from mergekit_ctm.recipe.params import union_rule_specs
+
+
+def method_spec(name: str) -> MergeMethodSpec:
+    """The registered spec of one of our methods: its own parameters (engine/methods.py)
+    plus every base rule's, so mergekit-yaml and the reference docs know them all."""
+    method = METHODS[name]
+    params = method.parameters + (union_rule_specs() if method.takes_base_rule else ())
+    return MergeMethodSpec(
+        name=name,
+        parameters=params,
+        contract=InputContract(base=BasePolicy.IGNORED, min_inputs=1),
+        pretty_name=method.pretty_name,
+        reference_url=method.reference_url,
+        uses_accelerator=True,
+    )
 
 
 def per_input(parameters: dict[str, Any], entries: Any) -> dict[str, Any]:

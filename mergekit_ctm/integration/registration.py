@@ -17,8 +17,8 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import MergeMethod
 
 from mergekit_ctm.engine import matrix_rules
+from mergekit_ctm.engine.methods import METHOD_NAMES
 from mergekit_ctm.integration.merge_methods import AdapterMergeMethod, MatrixRuleMethod
-from mergekit_ctm.plan.specs import METHOD_NAMES
 
 
 def our_methods() -> tuple[MergeMethod, ...]:

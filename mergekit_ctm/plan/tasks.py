@@ -18,7 +18,6 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from mergekit.common import dtype_from_name
 from mergekit.graph import Task
 from mergekit.io.tasks import LoadTensor, TensorWriterTask
 
@@ -51,14 +50,9 @@ def math_dtype(name: str | None) -> torch.dtype:
     return torch.float64 if name == "float64" else torch.float32
 
 
-def engine_kwargs(
-    params: tuple[tuple[str, Any], ...], rule_params: tuple[tuple[str, Any], ...]
-) -> dict[str, Any]:
-    """merge_lora keyword arguments from a module's resolved parameters (lambda -> lam)."""
-    kw: dict[str, Any] = {("lam" if k == "lambda" else k): v for k, v in params}
-    if "base_rule" in kw:
-        kw["rule_params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in rule_params}
-    return kw
+def rule_kwargs(rule_params: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """Base-rule parameters as the engine takes them: per-adapter values as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in rule_params}
 
 
 class LoadFactors(Task[tuple]):
@@ -104,9 +98,6 @@ class MergeModule(Task[tuple]):
     def group_label(self) -> str | None:
         return self.module
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        return engine_kwargs(self.params, self.rule_params)
-
     def execute(self, **kwargs: tuple) -> tuple:
         from mergekit_ctm.engine import merge_lora
 
@@ -116,9 +107,10 @@ class MergeModule(Task[tuple]):
             [f[1] for f in loaded],
             [f[2] for f in loaded],
             method=self.method,
+            rule_params=rule_kwargs(self.rule_params),
             seed=self.seed,
             dtype=math_dtype(self.dtype),
-            **self.engine_kwargs(),
+            **dict(self.params),
         )
         return (out.A, out.B, int(out.requested_rank))
 
@@ -234,8 +226,9 @@ class MergeDense(Task[torch.Tensor]):
         if len(xs) == 1:
             return xs[0]
         ref = base.to(xs[0].dtype) if base is not None else torch.zeros_like(xs[0])
-        params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rule_params}
-        merged = merge_matrices([x - ref for x in xs], self.rule, params, seed=self.seed)
+        merged = merge_matrices(
+            [x - ref for x in xs], self.rule, rule_kwargs(self.rule_params), seed=self.seed
+        )
         return ref + merged
 
 
@@ -338,7 +331,3 @@ def consolidate_shards(out_path: str, basename: str, chunk: int = 1 << 24) -> No
     for shard in shards:
         os.remove(os.path.join(out_path, shard))
     os.remove(index_path)
-
-
-def cast_name(dtype: str | None) -> torch.dtype | None:
-    return dtype_from_name(dtype) if dtype else None

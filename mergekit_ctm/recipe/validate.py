@@ -28,9 +28,10 @@ from mergekit.parameter_resolver import resolve_parameter
 from mergekit_ctm.adapters.errors import AdapterError
 from mergekit_ctm.adapters.peft_lora import AdapterInfo, read_adapter
 from mergekit_ctm.engine import rules as rules_mod
+from mergekit_ctm.engine.methods import DEFAULT_BASE_RULE, METHOD_NAMES, METHODS
 from mergekit_ctm.engine.rules import RuleError, rule_names
-from mergekit_ctm.plan import specs
 from mergekit_ctm.recipe.model import Recipe, RecipeError, join_errors, parse_recipe, suggest
+from mergekit_ctm.recipe.params import rule_specs, rules_taking
 
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -146,9 +147,9 @@ def _where(model: int | None, adapters: Sequence[Any]) -> str:
 
 
 def _check_parameter_names(recipe: Recipe, method: str, rule: str | None) -> None:
-    own = {p.name: p for p in specs.OWN_PARAMETERS[method]}
-    rule_specs = {p.name: p for p in (specs.rule_specs(rule) if rule else ())}
-    per_input = {n for n, p in rule_specs.items() if p.scope != ParameterScope.SHARED}
+    own = {p.name: p for p in METHODS[method].parameters}
+    by_rule = {p.name: p for p in (rule_specs(rule) if rule else ())}
+    per_input = {n for n, p in by_rule.items() if p.scope != ParameterScope.SHARED}
     errors = []
 
     def unknown(name: str, where: str, valid: Sequence[str]) -> str:
@@ -156,15 +157,15 @@ def _check_parameter_names(recipe: Recipe, method: str, rule: str | None) -> Non
         if rule:
             msg += f" with base_rule {rule}"
         msg += suggest(name, valid)
-        if rule and name not in valid and (others := specs.rules_taking(name)):
+        if rule and name not in valid and (others := rules_taking(name)):
             msg += f"; base rules that take {name!r}: {', '.join(others)}"
-        elif not specs.takes_base_rule(method) and name in _all_rule_parameter_names():
+        elif not METHODS[method].takes_base_rule and name in _all_rule_parameter_names():
             msg += f"; {method} has no base_rule, so rule parameters do not apply"
         return msg + f". Valid here: {', '.join(valid) or '(none)'}"
 
     for name in recipe.parameters or {}:
-        if name not in own and name not in rule_specs:
-            errors.append(unknown(name, "parameters", [*own, *rule_specs]))
+        if name not in own and name not in by_rule:
+            errors.append(unknown(name, "parameters", [*own, *by_rule]))
     for i, entry in enumerate(recipe.models):
         where = f"models[{i}] ({entry.model}).parameters"
         names = list(entry.parameters or {})
@@ -175,8 +176,8 @@ def _check_parameter_names(recipe: Recipe, method: str, rule: str | None) -> Non
                 f"{', '.join(map(repr, names))}); remove the adapter's `parameters:`"
                 + (
                     f" or pick a base_rule that has them (e.g. "
-                    f"{', '.join(specs.rules_taking('weight')[:3])})"
-                    if specs.takes_base_rule(method)
+                    f"{', '.join(rules_taking('weight')[:3])})"
+                    if METHODS[method].takes_base_rule
                     else ""
                 )
             )
@@ -184,7 +185,7 @@ def _check_parameter_names(recipe: Recipe, method: str, rule: str | None) -> Non
         for name in names:
             if name in per_input:
                 continue
-            if name in own or name in rule_specs:
+            if name in own or name in by_rule:
                 errors.append(
                     f"{where}: {name!r} is a recipe-wide parameter, not a per-adapter one; move "
                     "it to the top-level `parameters:`"
@@ -196,13 +197,13 @@ def _check_parameter_names(recipe: Recipe, method: str, rule: str | None) -> Non
 
 
 def _all_rule_parameter_names() -> set[str]:
-    return {p.name for r in rule_names() for p in specs.rule_specs(r)}
+    return {p.name for r in rule_names() for p in rule_specs(r)}
 
 
 def _base_rule(recipe: Recipe, method: str) -> str | None:
-    if not specs.takes_base_rule(method):
+    if not METHODS[method].takes_base_rule:
         return None
-    value = (recipe.parameters or {}).get("base_rule", specs.DEFAULT_BASE_RULE)
+    value = (recipe.parameters or {}).get("base_rule", DEFAULT_BASE_RULE)
     if not isinstance(value, str):
         raise RecipeError(
             f"parameters.base_rule must be a single rule name for the whole recipe, got {value!r}"
@@ -459,7 +460,7 @@ def _value_error(p: ParameterSpec, value: Any) -> str | None:
 def _check_values(recipe: Recipe, own_specs: Sequence[ParameterSpec], rule: str | None) -> None:
     """Every value written under ``parameters:`` (recipe and adapters), leaf by leaf, before any
     adapter is read: the error names the level where the value was set, never a module."""
-    by_name = {p.name: p for p in (*own_specs, *(specs.rule_specs(rule) if rule else ()))}
+    by_name = {p.name: p for p in (*own_specs, *(rule_specs(rule) if rule else ()))}
     levels = [("parameters", recipe.parameters)] + [
         (f"models[{i}] ({m.model}).parameters", m.parameters) for i, m in enumerate(recipe.models)
     ]
@@ -575,7 +576,7 @@ def _check_rule(
     ``filter:`` list or a gradient, so it can differ between modules.
     """
     bind = rules_mod.check_rule_params
-    rule_spec = {p.name: p for p in specs.rule_specs(rule)}
+    rule_spec = {p.name: p for p in rule_specs(rule)}
     as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     try:
         bind(rule, as_lists, len(idx))
@@ -623,15 +624,15 @@ def build_plan(
         recipe = parse_recipe(source)
         text = source if isinstance(source, str) else json.dumps(source)
     method = recipe.merge_method
-    if method not in specs.METHOD_NAMES:
+    if method not in METHOD_NAMES:
         raise RecipeError(
             f"merge_method: {method!r} is not an adapter-merging method"
-            f"{suggest(method, specs.METHOD_NAMES)}; "
-            f"valid: {', '.join(specs.METHOD_NAMES)}"
+            f"{suggest(method, METHOD_NAMES)}; "
+            f"valid: {', '.join(METHOD_NAMES)}"
         )
     rule = _base_rule(recipe, method)
     _check_parameter_names(recipe, method, rule)
-    _check_values(recipe, specs.OWN_PARAMETERS[method], rule)
+    _check_values(recipe, METHODS[method].parameters, rule)
     given = None
     if recipe.base_model:  # before any adapter is read (or downloaded)
         given = _check_base_exists(recipe.base_model, "base_model", cache_dir)
@@ -658,8 +659,8 @@ def build_plan(
         for name in info.modules:
             owners.setdefault(name, []).append(i)
     num_layers, layers_from_base = _num_layers(base_config, list(owners))
-    own_specs = specs.OWN_PARAMETERS[method]
-    rule_spec = specs.rule_specs(rule) if rule else ()
+    own_specs = METHODS[method].parameters
+    rule_spec = rule_specs(rule) if rule else ()
 
     modules = []
     for name, idx in owners.items():
@@ -738,7 +739,7 @@ def _dense_plans(
                 by_name.setdefault(ft.weight_name, []).append((i, ft))
     out = []
     drule = dense_rule(method, rule)
-    rule_spec = specs.rule_specs(drule)
+    rule_spec = rule_specs(drule)
     for weight_name, items in by_name.items():
         first = items[0][1]
         for i, ft in items[1:]:

@@ -98,22 +98,22 @@ def engine_deltas(recipe_text: str, random_seed: int | None = None) -> dict[str,
     """The engine's merged ΔW per module, called directly with the plan's resolved parameters."""
     from mergekit_ctm.adapters import load_factors
     from mergekit_ctm.engine import merge_lora
-    from mergekit_ctm.plan.tasks import engine_kwargs
+    from mergekit_ctm.plan.tasks import rule_kwargs
     from mergekit_ctm.recipe import build_plan
 
     plan = build_plan(recipe_text, random_seed=random_seed)
     out = {}
     for m in plan.modules:
         f = [load_factors(plan.adapters[i], m.name) for i in m.adapters]
-        kw = engine_kwargs(m.params, m.rule_params)
         res = merge_lora(
             [x[0] for x in f],
             [x[1] for x in f],
             [x[2] for x in f],
             method=plan.method,
+            rule_params=rule_kwargs(m.rule_params),
             seed=m.seed,
             dtype=torch.float32,
-            **kw,
+            **dict(m.params),
         )
         out[m.name] = (res.B @ res.A).double()
     return out
