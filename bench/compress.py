@@ -4,6 +4,7 @@
     python bench/compress.py --quick            # 4096² only, no full SVD (accuracy vs the
                                                 # analytic truncation only)
     python bench/compress.py --full-svd-large   # also time the full SVD of 14336×4096 (slow)
+    python bench/compress.py --shapes 14336x4096 --ranks 16 --niter 4
     python bench/compress.py --device cuda
 
 What is timed, float32, per tensor (best of ``--repeats``, default 1; generation is not timed):
@@ -192,6 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4096² only, no full SVD")
     ap.add_argument("--full-svd-large", action="store_true", help="also full SVD of 14336×4096")
+    ap.add_argument("--shapes", nargs="+", default=None, help="e.g. 14336x4096 (default both)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.5])
@@ -203,6 +205,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (14336, 4096)]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     threads = torch.get_num_threads()
     print(f"device {device}, torch {torch.__version__}, {threads} threads, load {load}")
