@@ -85,7 +85,7 @@ class TruncatedSVD(NamedTuple):
     steps: int  # Krylov block steps (0 for exact)
     basis: int  # Krylov basis columns (0 for exact)
     converged: bool  # False only for a "krylov" that hit max_dim
-    error_estimate: float  # criterion-1 estimate (0 for exact)
+    error_estimate: float  # criterion-1 estimate (0 for exact, or where criterion 1 is waived)
 
 
 def compress_delta(
@@ -330,6 +330,7 @@ def _krylov(
             est, resid = _estimates(St, res, k, fro2, rtol)
             done = est <= tol and resid <= RESIDUAL_TOL
             if done or dq + b > cap:
+                Ut, St, Wt = _top_triplets(_assemble(rows, dq, dp_new), k, exact=True)
                 U = ops.mm(Qb[:, :dq], Ut[:, :k].to(dt))
                 V = ops.mm(Pb[:, :dp_new], Wt[:, :k].to(dt))
                 return _finish(U, St[:k].to(dt), V, k, rtol, "krylov", steps, dq, done, est)
@@ -346,12 +347,19 @@ def _assemble(rows: list[torch.Tensor], dq: int, dp: int) -> torch.Tensor:
     return M
 
 
-def _top_triplets(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets of a small float64 M (rows ≤ cols) from eigh(M Mᵀ).
+def _top_triplets(
+    M: torch.Tensor, k: int, exact: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets (U, S, W) of a small float64 M (rows ≤ cols), W = Mᵀ U / S.
 
-    Half the cost of ``svd``; squaring in float64 resolves σ down to ~1e-8·σ₁, far below
-    any σ the truncation keeps (``rtol``), and the top vectors to ~1e-16 / relative gap².
+    For the per-step checks from eigh(M Mᵀ), half the cost of ``svd``: squaring in float64
+    resolves the top vectors to ~1e-16 / relative gap² and σ down to ~1e-8·σ₁, which is all
+    the estimates need. The result (``exact``) comes from ``svd``, which also resolves tiny
+    σ, so that a rank-deficient ΔW in float64 math is cut at ``rtol`` as it should be.
     """
+    if exact:
+        U, S, Wh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :k], S[:k], Wh[:k].mT
     evals, evecs = torch.linalg.eigh(M @ M.mT)
     k = min(k, evals.shape[0])
     S = evals.flip(0)[:k].clamp_min(0).sqrt()
