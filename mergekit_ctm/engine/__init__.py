@@ -9,6 +9,7 @@ No file I/O, YAML or mergekit planner here. Entry point::
 """
 
 from mergekit_ctm.engine.api import merge_lora, merge_lora_many
+from mergekit_ctm.engine.compress import compress_delta
 from mergekit_ctm.engine.core import CoreSpace, build_core_space
 from mergekit_ctm.engine.methods import METHOD_NAMES, METHODS, SPACES, MergeMethodDef
 from mergekit_ctm.engine.tucker import Tucker2Result, tucker2, tucker2_batch, tucker2_dense
@@ -23,6 +24,7 @@ __all__ = [
     "MergedLora",
     "Tucker2Result",
     "build_core_space",
+    "compress_delta",
     "merge_lora",
     "merge_lora_many",
     "tucker2",
