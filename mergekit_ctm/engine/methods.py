@@ -80,6 +80,15 @@ SPACE = _shared(
 )
 LAMBDA = _shared("lambda", float, 1.0, "global scale of the merged update, applied after the rule")
 LEGO_ITERS = _shared("lego_iters", PositiveInt, 100, "cap on k-means iterations")
+TASK_RANK = _shared(
+    "task_rank",
+    PositiveInt | None,
+    None,
+    "full checkpoints only: rank of each task vector's truncated SVD before the merge "
+    "(default: rank)",
+)
+# Parameters that only full-checkpoint merges take (integration/full_checkpoints.py).
+CHECKPOINT_PARAMETERS = (TASK_RANK,)
 
 Runner = Callable[..., MergedLora]
 

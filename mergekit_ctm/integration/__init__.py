@@ -6,14 +6,29 @@ no other package of mergekit-ctm imports it.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+
+def _register() -> None:
+    """Register our methods, unless a module of ours is mid-import: ``import
+    mergekit_ctm.engine.rules`` imports mergekit's registry, which brings us here before the
+    module it needs is complete. Then the next hook (mergekit.merge, mergekit-yaml) or
+    ``mergekit_ctm.install()`` registers; registration is idempotent."""
+    if any(
+        getattr(getattr(m, "__spec__", None), "_initializing", False)
+        for name, m in list(sys.modules.items())
+        if name.startswith("mergekit_ctm.")
+    ):
+        return
+    from mergekit_ctm.integration.registration import register_methods
+
+    register_methods()
 
 
 def on_merge_methods(module: Any) -> None:
     """mergekit.merge_methods was imported: register our methods."""
-    from mergekit_ctm.integration.registration import register_methods
-
-    register_methods()
+    _register()
 
 
 def on_merge(module: Any) -> None:
@@ -21,6 +36,7 @@ def on_merge(module: Any) -> None:
     from mergekit_ctm.integration.dispatch import wrap_run_merge
 
     wrap_run_merge(module)
+    _register()
 
 
 def on_run_yaml(module: Any) -> None:
@@ -28,6 +44,7 @@ def on_run_yaml(module: Any) -> None:
     from mergekit_ctm.integration.dispatch import wrap_run_yaml
 
     wrap_run_yaml(module)
+    _register()
 
 
 CALLBACKS = {

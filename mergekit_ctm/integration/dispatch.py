@@ -24,11 +24,57 @@ from mergekit_ctm.recipe.model import load_yaml
 _MARK = "__mergekit_ctm_original__"
 
 
-def is_adapter_recipe(merge_config: Any) -> bool:
-    """True when the recipe names an adapter-merging method (ctm, core_space, mtc, lora_lego)."""
+def _model_refs(merge_config: Any) -> list[str]:
     if isinstance(merge_config, dict):
-        return merge_config.get("merge_method") in METHOD_NAMES
-    return getattr(merge_config, "merge_method", None) in METHOD_NAMES
+        models = merge_config.get("models")
+        models = models if isinstance(models, list) else []
+        return [str(m.get("model") if isinstance(m, dict) else m) for m in models]
+    return [str(m.model) for m in getattr(merge_config, "models", None) or []]
+
+
+def is_full_checkpoint(ref: str) -> bool:
+    """A full model (config.json, no adapter_config.json): a local directory or a hub id in
+    the local Hugging Face cache. Everything else (adapters, ``base+adapter``, unknown hub
+    ids) is taken for an adapter, whose reader says what is wrong with it."""
+    if "+" in ref and not os.path.isdir(ref):
+        return False
+    path = ref.split("@", 1)[0]
+    if os.path.isdir(path):
+        has = lambda f: os.path.isfile(os.path.join(path, f))  # noqa: E731
+        return has("config.json") and not has("adapter_config.json")
+    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = lambda f: isinstance(try_to_load_from_cache(path, f), str)  # noqa: E731
+        return cached("config.json") and not cached("adapter_config.json")
+    except Exception:
+        return False
+
+
+def is_adapter_recipe(merge_config: Any) -> bool:
+    """True when the recipe merges PEFT adapters with one of our methods (our planner);
+    False for other methods and for our methods over full checkpoints (mergekit's planner,
+    our kernel per tensor). Mixing the two is refused."""
+    if isinstance(merge_config, dict):
+        method = merge_config.get("merge_method")
+    else:
+        method = getattr(merge_config, "merge_method", None)
+    if method not in METHOD_NAMES:
+        return False
+    refs = _model_refs(merge_config)
+    full = [r for r in refs if is_full_checkpoint(r)]
+    if full and len(full) < len(refs):
+        from mergekit_ctm.recipe.model import RecipeError
+
+        adapter = next(r for r in refs if r not in full)
+        raise RecipeError(
+            f"models mix full checkpoints ({full[0]}) and PEFT adapters ({adapter}); merge_method "
+            f"{method} takes one kind per recipe. Merge the adapters into their base first "
+            "(mergekit-ctm with output: model), or list only one kind"
+        )
+    return not full
 
 
 def _recipe_path_from_click() -> str | None:
@@ -92,8 +138,13 @@ def check_recipe_text(text: str, where: str) -> None:
             f"{where}: merge_method {method!r} is not a registered method"
             f"{suggest(method, known)}; adapter merges use one of {', '.join(METHOD_NAMES)}"
         )
-    if method in METHOD_NAMES:
+    if method in METHOD_NAMES and is_adapter_recipe(raw):
         parse_recipe(text)  # strict: duplicate keys, types, unknown keys
+    elif method in METHOD_NAMES:
+        from mergekit_ctm.recipe.validate import check_full_checkpoint_recipe
+
+        load_yaml(text, where, unique_keys=True)
+        check_full_checkpoint_recipe(raw)
     elif adapters := _plain_adapter_refs(raw):
         where_, ref = adapters[0]
         raise RecipeError(

@@ -2,13 +2,17 @@
 
 - :class:`MatrixRuleMethod`: a matrix rule mergekit lacks (Iso-C, TSV, PCB, Iso-CTS,
   RobustMerge) as an ordinary mergekit method: merged = base + rule(inputs − base).
-- :class:`AdapterMergeMethod`: ``ctm``, ``core_space``, ``mtc``, ``lora_lego``. Adapter recipes
-  never reach its kernel (the ``run_merge`` wrapper sends them to our planner).
+- :class:`AdapterMergeMethod`: ``ctm``, ``core_space``, ``mtc``, ``lora_lego``, on full
+  checkpoints tensor by tensor (adapter recipes go to our planner instead).
+
+``mergekit_ctm.engine.rules`` is imported where it is used: registration can run while it is
+being imported (it imports mergekit's registry, whose import runs our registration).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import Any, Optional
 
 import torch
 from mergekit.merge_methods.base import (
@@ -16,24 +20,39 @@ from mergekit.merge_methods.base import (
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
+    ParameterSpec,
     TensorGroup,
 )
 
 from mergekit_ctm.engine import matrix_rules
-from mergekit_ctm.engine.methods import METHODS
-from mergekit_ctm.engine.rules import ANY_SHAPE_RULES, merge_matrices
-from mergekit_ctm.recipe.params import union_rule_specs
+from mergekit_ctm.engine.methods import CHECKPOINT_PARAMETERS, METHODS
+
+
+def _rule_parameters() -> tuple[ParameterSpec, ...]:
+    """Every base rule's parameters once, with mergekit's scopes (a full checkpoint's base is
+    a real input), ``lambda`` left to the method. Optional, default null: rules differ in
+    their defaults (``normalize`` is off for task_arithmetic, on for ties), so an unset
+    value must reach the kernel as unset and take the chosen rule's own default."""
+    from mergekit_ctm.engine.rules import rule_names, rule_parameter_specs
+
+    seen: dict[str, ParameterSpec] = {}
+    for rule in rule_names():
+        for p in rule_parameter_specs(rule):
+            if p.name != "lambda" and p.name not in seen:
+                seen[p.name] = replace(p, value_type=Optional[p.value_type], default=None)  # noqa: UP045
+    return tuple(seen.values())
 
 
 def method_spec(name: str) -> MergeMethodSpec:
-    """The registered spec of one of our methods: its own parameters (engine/methods.py)
-    plus every base rule's, so mergekit-yaml and the reference docs know them all."""
+    """The registered spec of one of our methods: its own parameters (engine/methods.py),
+    ``task_rank`` for full checkpoints and every base rule's parameters."""
     method = METHODS[name]
-    params = method.parameters + (union_rule_specs() if method.takes_base_rule else ())
+    params = method.parameters + CHECKPOINT_PARAMETERS
+    params += _rule_parameters() if method.takes_base_rule else ()
     return MergeMethodSpec(
         name=name,
         parameters=params,
-        contract=InputContract(base=BasePolicy.IGNORED, min_inputs=1),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=1),
         pretty_name=method.pretty_name,
         reference_url=method.reference_url,
         uses_accelerator=True,
@@ -75,6 +94,8 @@ class MatrixRuleMethod(GroupMergeMethod):
             # RobustMerge's top-k thresholds have no entry to rank and would raise).
             return base.clone()
         deltas = [e.tensor - base for e in entries]
+        from mergekit_ctm.engine.rules import ANY_SHAPE_RULES, merge_matrices
+
         kwargs = per_input(parameters, entries)
         if base.ndim == 2 or self.name in ANY_SHAPE_RULES:
             delta = merge_matrices(deltas, self.name, kwargs)
@@ -86,10 +107,12 @@ class MatrixRuleMethod(GroupMergeMethod):
 
 
 class AdapterMergeMethod(GroupMergeMethod):
-    """An adapter-merging method as mergekit sees it: spec for validation/docs.
+    """``ctm``, ``core_space``, ``mtc`` or ``lora_lego`` as a mergekit method.
 
-    Recipes naming this method are planned by mergekit-ctm (LoRA factors in, LoRA factors out);
-    reaching this kernel means mergekit's dense planner was handed the recipe.
+    Adapter recipes never reach this kernel (the ``run_merge`` wrapper sends them to our
+    planner); mergekit's planner and every other caller (``merge_state_dicts``,
+    ``mergekit-multi``) use it on full checkpoints, tensor by tensor
+    (:mod:`.full_checkpoints`).
     """
 
     def __init__(self, name: str) -> None:
@@ -97,9 +120,6 @@ class AdapterMergeMethod(GroupMergeMethod):
         self.spec = method_spec(name)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        raise RuntimeError(
-            f"merge_method {self.name!r} merges PEFT LoRA adapters and is planned by mergekit-ctm; "
-            "it cannot run inside mergekit's dense planner. Run the recipe with mergekit-yaml "
-            "(with mergekit-ctm installed), `mergekit-ctm merge`, or mergekit.merge.run_merge "
-            "after `import mergekit_ctm`."
-        )
+        from mergekit_ctm.integration.full_checkpoints import merge_full_tensor
+
+        return merge_full_tensor(self.name, group, parameters)

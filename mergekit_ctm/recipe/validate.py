@@ -146,8 +146,10 @@ def _where(model: int | None, adapters: Sequence[Any]) -> str:
     return "parameters" if model is None else f"models[{model}] ({adapters[model]}).parameters"
 
 
-def _check_parameter_names(recipe: Recipe, method: str, rule: str | None) -> None:
-    own = {p.name: p for p in METHODS[method].parameters}
+def _check_parameter_names(
+    recipe: Recipe, method: str, rule: str | None, extra: Sequence[ParameterSpec] = ()
+) -> None:
+    own = {p.name: p for p in (*METHODS[method].parameters, *extra)}
     by_rule = {p.name: p for p in (rule_specs(rule) if rule else ())}
     per_input = {n for n, p in by_rule.items() if p.scope != ParameterScope.SHARED}
     errors = []
@@ -787,3 +789,30 @@ def check_tensor_values(plan: MergePlan) -> None:
             check_values(info, keys, dtype=dtype)
         except AdapterError as exc:
             raise RecipeError(f"models[{i}]: {exc}") from None
+
+
+def check_full_checkpoint_recipe(raw: Mapping[str, Any]) -> None:
+    """Check a recipe of ``ctm``/``core_space``/``mtc``/``lora_lego`` over full checkpoints
+    before mergekit plans it: the same parameter models and messages as adapter recipes
+    (unknown names with the nearest valid one, per-adapter vs recipe-wide, types, ranges and
+    finiteness of recipe-wide values), plus ``task_rank``. Structure (slices, tokenizer) is
+    mergekit's to check."""
+    from mergekit_ctm.engine.methods import CHECKPOINT_PARAMETERS
+
+    if raw.get("output", "model") != "model":
+        raise RecipeError(
+            "output: adapter is not supported yet for full checkpoints; leave `output:` out "
+            "(the merged model is written)"
+        )
+    keys = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype")
+    recipe = parse_recipe({k: raw[k] for k in keys if k in raw})
+    method = recipe.merge_method
+    if not recipe.base_model:
+        raise RecipeError(
+            f"merge_method {method} over full checkpoints needs `base_model:` (the model they "
+            "were fine-tuned from): each task vector is W_t - W_base"
+        )
+    rule = _base_rule(recipe, method)
+    _check_parameter_names(recipe, method, rule, CHECKPOINT_PARAMETERS)
+    for p in (*METHODS[method].parameters, *CHECKPOINT_PARAMETERS):
+        _resolve(p, (("parameters", recipe.parameters),), "model.layers.0.weight", 0.0)

@@ -42,21 +42,9 @@ SUPPORT = HERE / "mergekit_support"
 SDIST_CACHE = Path(os.environ.get("MERGEKIT_CTM_SDIST_CACHE", HERE / ".sdist-cache"))
 RUN_TIMEOUT_S = 1200
 
-_STRIDED = (
-    "tests/test_merge_method_regressions.py"
-    "::test_state_dict_methods_accept_strided_weights_without_mutation"
-)
-# AdapterMergeMethod.merge_group (mergekit_ctm/integration/merge_methods.py) raises: the adapter
-# methods have no kernel for full checkpoints yet (issue #8, DESIGN.md "Full fine-tuned
-# checkpoints"). mergekit parametrizes this test over every registered method and runs it
-# through merge_state_dicts. Remove each entry when its kernel computes.
-_NO_DENSE_KERNEL = "cannot run inside mergekit's dense planner"
-KNOWN_PLUGIN_ONLY_FAILURES: dict[str, str] = {
-    f"{_STRIDED}[core_space]": _NO_DENSE_KERNEL,
-    f"{_STRIDED}[ctm]": _NO_DENSE_KERNEL,
-    f"{_STRIDED}[lora_lego]": _NO_DENSE_KERNEL,
-    f"{_STRIDED}[mtc]": _NO_DENSE_KERNEL,
-}
+# Empty since the methods compute on full checkpoints (integration/full_checkpoints.py); an
+# entry is (test id -> text its failure must contain).
+KNOWN_PLUGIN_ONLY_FAILURES: dict[str, str] = {}
 
 
 def _fetch_sdist(version: str) -> Path:
