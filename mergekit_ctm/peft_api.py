@@ -279,7 +279,8 @@ def _resolve_parameters(
             msg += f"; base rules that take {key!r}: {', '.join(others)}"
         elif not rule and key in {p.name for r in rule_names() for p in specs.rule_specs(r)}:
             msg += f"; {method} has no base_rule, so rule parameters do not apply"
-        raise RecipeError(msg + f". Valid here: {', '.join(valid)}")
+        spelt = ["lam (lambda)" if v == "lambda" else v for v in valid]
+        raise RecipeError(msg + f". Valid here: {', '.join(spelt)}")
 
     def resolve(p: Any, value: Any, where: str) -> Any:
         if isinstance(value, (list, tuple, dict)):
