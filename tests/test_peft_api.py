@@ -325,3 +325,22 @@ def test_errors(loaded, adapters, name, params, error, match):
 def test_refuses_non_peft_model(tiny):
     with pytest.raises(RecipeError, match="needs a peft.PeftModel"):
         mergekit_ctm.merge_adapters(load_base(tiny["base"]), ["a"], "m")
+
+
+def test_peft_combinations_reproduced(tiny):
+    """docs/usage.md: PEFT's `cat` = core_space lossless, `svd` = mtc, both task_arithmetic."""
+    pm = load_peft(tiny["base"], {n: tiny["paths"][n] for n in ("a", "c", "d")})
+    names, w = ["a", "c", "d"], [1.0, -0.5, 2.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_weighted_adapter(names, w, "cat", combination_type="cat")
+        pm.add_weighted_adapter(names, w, "svd", combination_type="svd", svd_rank=5)
+    common = dict(base_rule="task_arithmetic", weights=w)
+    mergekit_ctm.merge_adapters(pm, names, "our_cat", method="core_space", **common)
+    mergekit_ctm.merge_adapters(pm, names, "our_svd", method="mtc", rank=5, **common)
+    layers = lora_layers(pm, "our_cat")
+    assert set(layers) == set(lora_layers(pm, "cat"))
+    for layer in layers.values():
+        for peft_name, ours in (("cat", "our_cat"), ("svd", "our_svd")):
+            want, got = layer.get_delta_weight(peft_name), layer.get_delta_weight(ours)
+            assert (got - want).norm() <= 1e-6 * want.norm()
