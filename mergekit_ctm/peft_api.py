@@ -64,7 +64,7 @@ def merge_adapters(
     *,
     method: str = "ctm",
     random_seed: int | None = None,
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     **parameters: Any,
 ) -> MergedAdapter:
     """Merge LoRA adapters loaded in ``model`` into a new adapter ``adapter_name``.
@@ -476,7 +476,7 @@ def _add_adapter(
     On failure the new adapter is deleted again; requires_grad flags and the active adapter
     are restored either way (PEFT's injection may touch them).
     """
-    from mergekit_ctm.adapters import to_peft_tensors
+    from mergekit_ctm.adapters import peft_tensor_names, to_peft_tensors
 
     grads = {id(p): p.requires_grad for p in model.parameters()}
     active = list(model.base_model.active_adapters)
@@ -484,10 +484,10 @@ def _add_adapter(
         model.add_adapter(adapter_name, config)
         tuner = model.base_model.model
         for path, (a, b) in merged.items():
-            first = next(iter(modules[path].values()))
-            mod = first[3]
+            ref, _, _, mod = next(iter(modules[path].values()))
+            stored = to_peft_tensors(mod, a, b)
+            pa, pb = (stored[k] for k in peft_tensor_names(mod))
             layer = tuner.get_submodule(path)
-            pa, pb = to_peft_tensors(mod, a, b).values()
             if mod.kind == "embedding":
                 ta, tb = layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
             else:
@@ -498,10 +498,9 @@ def _add_adapter(
                     f"for {adapter_name!r}, the merge produced {tuple(pa.shape)} / "
                     f"{tuple(pb.shape)} (rank_pattern not applied?)"
                 )
-            # Keep the device and dtype of the input factors (PEFT's add_adapter would upcast).
-            ref_a, ref_b = _stored(layer, next(iter(modules[path])), mod.kind)
-            ta.data = pa.to(device=ref_a.device, dtype=ref_a.dtype)
-            tb.data = pb.to(device=ref_b.device, dtype=ref_b.dtype)
+            # The device and dtype of the first input's factors (add_adapter would upcast).
+            ta.data = pa.to(device=ref.device, dtype=ref.dtype)
+            tb.data = pb.to(device=ref.device, dtype=ref.dtype)
     except BaseException:
         if adapter_name in model.peft_config:
             model.delete_adapter(adapter_name)
@@ -511,12 +510,6 @@ def _add_adapter(
             model.base_model.set_adapter(active)
         for p in model.parameters():
             p.requires_grad_(grads.get(id(p), False))
-
-
-def _stored(layer: Any, name: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if kind == "embedding":
-        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
-    return layer.lora_A[name].weight, layer.lora_B[name].weight
 
 
 __all__ = ["MergedAdapter", "merge_adapters"]
