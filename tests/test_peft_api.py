@@ -344,3 +344,41 @@ def test_peft_combinations_reproduced(tiny):
         for peft_name, ours in (("cat", "our_cat"), ("svd", "our_svd")):
             want, got = layer.get_delta_weight(peft_name), layer.get_delta_weight(ours)
             assert (got - want).norm() <= 1e-6 * want.norm()
+
+
+def test_keeps_factor_dtype(tiny):
+    """bf16 factors in, bf16 factors out (the math still runs in float32)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = load_base(tiny["base"]).to(torch.bfloat16)
+        pm = PeftModel.from_pretrained(
+            base, tiny["paths"]["a"], adapter_name="a", autocast_adapter_dtype=False
+        )
+        pm.load_adapter(tiny["paths"]["c"], adapter_name="c", autocast_adapter_dtype=False)
+    res = mergekit_ctm.merge_adapters(pm, ["a", "c"], "m", rank=4, base_rule="ties", density=0.5)
+    for layer in lora_layers(pm, "m").values():
+        assert layer.lora_A["m"].weight.dtype == torch.bfloat16
+        assert layer.lora_B["m"].weight.dtype == torch.bfloat16
+    assert res.ranks
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (dict(use_dora=True), "DoRA"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(bias="lora_only"), "bias='lora_only'"),
+    ],
+)
+def test_refuses_what_it_cannot_represent(tiny, extra, match):
+    from peft import LoraConfig
+
+    pm = load_peft(tiny["base"], {"a": tiny["paths"]["a"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_adapter("x", LoraConfig(r=2, target_modules=["q_proj"], **extra))
+    with pytest.raises(RecipeError, match=match):
+        mergekit_ctm.merge_adapters(pm, ["a", "x"], "m")
+    assert list(pm.peft_config) == ["a", "x"]
