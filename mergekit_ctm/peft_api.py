@@ -89,10 +89,12 @@ def merge_adapters(
         stay as they were; call ``model.set_adapter(adapter_name)`` to use it.
 
     Raises:
-        RecipeError / RuleError (``mergekit_ctm.errors.InputError``) before the model is
-        touched: unknown adapter or parameter names, bad values, an existing ``adapter_name``,
-        adapters this merge cannot represent (DoRA, conv LoRA, modules_to_save, bias), or a
-        merged update that is zero everywhere.
+        RecipeError (``mergekit_ctm.errors.InputError``) before the model is touched: unknown
+        adapter or parameter names, bad values, an existing ``adapter_name``, adapters this
+        merge cannot represent (DoRA, conv LoRA, modules_to_save, bias, NaN/Inf factors), or
+        a merged update that is zero everywhere. A rule that refuses its inputs while merging
+        (e.g. ``nuslerp`` on a module held by three adapters) raises RuleError, also before
+        the model is touched.
     """
     from mergekit_ctm.recipe import RecipeError
 
@@ -320,17 +322,18 @@ def _resolve_parameters(
         )
     if rule:
         as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        # As the recipe path: a RecipeError, naming the adapter when one value is at fault.
         try:
             check_rule_params(rule, as_lists, len(names))
-        except RuleError:
-            for j, n in enumerate(names):  # name the adapter at fault
+        except RuleError as whole:
+            for j, n in enumerate(names):
                 one = {k: [v[j]] if isinstance(v, list) else v for k, v in as_lists.items()}
                 try:
                     check_rule_params(rule, one, 1)
                 except RuleError as exc:
                     msg = str(exc).replace(" (adapter 0)", "")
-                    raise RuleError(f"adapter {n!r}: {msg}") from None
-            raise
+                    raise RecipeError(f"adapter {n!r}: {msg}") from None
+            raise RecipeError(str(whole)) from None
     return rule, own, values
 
 
@@ -369,6 +372,14 @@ def _read_modules(model: Any, names: Sequence[str]) -> dict[str, dict[str, tuple
                     f"adapter {name!r}, module {path!r}: {what} is not supported; only plain "
                     "LoRA on Linear / Conv1D / Embedding layers can be merged"
                 )
+            for half, x in (("A", a), ("B", b)):
+                # As the file reader: a diverged adapter must not merge into plausible output.
+                if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+                    raise RecipeError(
+                        f"adapter {name!r}, module {path!r}: lora_{half} is not finite floats "
+                        f"({x.dtype}); the adapter is corrupt or its training diverged: "
+                        "retrain it or leave it out"
+                    )
             if kind == "embedding" or fifo:
                 a, b = b.T, a.T
             mod = _Module(name=path, kind=kind, fan_in_fan_out=fifo)

@@ -19,7 +19,6 @@ import torch
 import yaml
 
 import mergekit_ctm
-from mergekit_ctm.engine.rules import RuleError
 from mergekit_ctm.errors import InputError
 from mergekit_ctm.examples import build_tiny_adapter, build_tiny_base, example_adapter_specs
 from mergekit_ctm.recipe import RecipeError
@@ -300,7 +299,7 @@ def loaded(tiny):
         (["a", "b"], "m", {"method": "ctmm"}, RecipeError, r"did you mean 'ctm'\?"),
         (["a", "b"], "m", {"base_rule": "ties", "density": [0.5]}, RecipeError,
          "1 values for 2 adapters"),
-        (["a", "b"], "m", {"base_rule": "ties", "density": [0.5, 1.5]}, RuleError,
+        (["a", "b"], "m", {"base_rule": "ties", "density": [0.5, 1.5]}, RecipeError,
          r"adapter 'b': parameter 'density'"),
         (["a", "b"], "m", {"rank": 0}, RecipeError, "parameter 'rank'"),
         (["a", "b"], "m", {"rank": [4, 8]}, RecipeError, "takes one value here"),
@@ -382,3 +381,14 @@ def test_refuses_what_it_cannot_represent(tiny, extra, match):
     with pytest.raises(RecipeError, match=match):
         mergekit_ctm.merge_adapters(pm, ["a", "x"], "m")
     assert list(pm.peft_config) == ["a", "x"]
+
+
+def test_refuses_non_finite_factors(tiny):
+    pm = load_peft(tiny["base"], {n: tiny["paths"][n] for n in ("a", "b")})
+    with torch.no_grad():
+        pm.get_submodule("base_model.model.model.layers.1.self_attn.v_proj").lora_A["b"].weight[
+            0, 0
+        ] = float("nan")
+    with pytest.raises(RecipeError, match=r"adapter 'b', module '.*layers.1.self_attn.v_proj'"):
+        mergekit_ctm.merge_adapters(pm, ["a", "b"], "m")
+    assert list(pm.peft_config) == ["a", "b"]
