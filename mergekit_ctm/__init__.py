@@ -26,4 +26,13 @@ def install() -> None:
     register_methods()
 
 
-__all__ = ["__version__", "install"]
+__all__ = ["__version__", "install", "merge_adapters"]
+
+
+def __getattr__(name: str):
+    # Loaded on first use, so `import mergekit_ctm` costs nothing more (PEP 562).
+    if name == "merge_adapters":
+        from mergekit_ctm.peft_api import merge_adapters
+
+        return merge_adapters
+    raise AttributeError(f"module 'mergekit_ctm' has no attribute {name!r}")
