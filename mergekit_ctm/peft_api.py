@@ -243,15 +243,17 @@ def _resolve_parameters(
     from mergekit.merge_methods.base import ParameterScope
     from mergekit.parameter_resolver import resolve_parameter
 
+    from mergekit_ctm.engine.methods import DEFAULT_BASE_RULE, METHOD_NAMES, METHODS
     from mergekit_ctm.engine.rules import RuleError, check_rule_params, rule_names
-    from mergekit_ctm.plan import specs
     from mergekit_ctm.recipe import RecipeError
     from mergekit_ctm.recipe.model import suggest
+    from mergekit_ctm.recipe.params import rule_specs as rule_specs_of
+    from mergekit_ctm.recipe.params import rules_taking
 
-    if method not in specs.METHOD_NAMES:
+    if method not in METHOD_NAMES:
         raise RecipeError(
             f"method: {method!r} is not an adapter-merging method"
-            f"{suggest(method, specs.METHOD_NAMES)}; valid: {', '.join(specs.METHOD_NAMES)}"
+            f"{suggest(method, METHOD_NAMES)}; valid: {', '.join(METHOD_NAMES)}"
         )
     params: dict[str, Any] = {}
     for key, value in parameters.items():
@@ -261,15 +263,15 @@ def _resolve_parameters(
         params[canonical] = value
 
     rule = None
-    if specs.takes_base_rule(method):
-        rule = params.get("base_rule", specs.DEFAULT_BASE_RULE)
+    if METHODS[method].takes_base_rule:
+        rule = params.get("base_rule", DEFAULT_BASE_RULE)
         if not isinstance(rule, str) or rule not in rule_names():
             raise RecipeError(
                 f"base_rule: unknown rule {rule!r}{suggest(rule, rule_names())}. Valid rules: "
                 f"{', '.join(rule_names())}"
             )
-    own_specs = specs.OWN_PARAMETERS[method]
-    rule_specs = specs.rule_specs(rule) if rule else ()
+    own_specs = METHODS[method].parameters
+    rule_specs = rule_specs_of(rule) if rule else ()
     valid = [*(p.name for p in own_specs), *(p.name for p in rule_specs)]
     for key in params:
         if key in valid:
@@ -277,9 +279,9 @@ def _resolve_parameters(
         msg = f"unknown parameter {key!r} for method {method}"
         msg += f" with base_rule {rule}" if rule else ""
         msg += suggest(key, [*valid, *(a for a, c in ALIASES.items() if c in valid)])
-        if rule and (others := specs.rules_taking(key)):
+        if rule and (others := rules_taking(key)):
             msg += f"; base rules that take {key!r}: {', '.join(others)}"
-        elif not rule and key in {p.name for r in rule_names() for p in specs.rule_specs(r)}:
+        elif not rule and key in {p.name for r in rule_names() for p in rule_specs_of(r)}:
             msg += f"; {method} has no base_rule, so rule parameters do not apply"
         spelt = ["lam (lambda)" if v == "lambda" else v for v in valid]
         raise RecipeError(msg + f". Valid here: {', '.join(spelt)}")
@@ -414,7 +416,7 @@ def _merge(
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[str, ...]]]:
     """engine.merge_lora per module, called exactly as the file path's MergeModule calls it."""
     from mergekit_ctm.engine import merge_lora
-    from mergekit_ctm.plan.tasks import engine_kwargs
+    from mergekit_ctm.plan.tasks import rule_kwargs
     from mergekit_ctm.recipe import module_seed
 
     merged, inputs = {}, {}
@@ -431,9 +433,10 @@ def _merge(
             [f[1].to(math_dtype) for f in loaded],
             [f[2] for f in loaded],
             method=method,
+            rule_params=rule_kwargs(rule_params),
             seed=module_seed(random_seed, path),
             dtype=math_dtype,
-            **engine_kwargs(params, rule_params),
+            **dict(params),
         )
         merged[path] = (out.A, out.B)
         inputs[path] = tuple(names[j] for j in idx)
