@@ -15,7 +15,12 @@ from functools import lru_cache
 import torch
 
 from mergekit_ctm.adapters.errors import AdapterError
-from mergekit_ctm.adapters.peft_lora import AdapterInfo, LoraModule
+from mergekit_ctm.adapters.peft_lora import (
+    AdapterInfo,
+    LoraModule,
+    stores_transposed,
+    swap_layout,
+)
 
 
 @lru_cache(maxsize=16)
@@ -109,10 +114,9 @@ def load_factors(
     mod = _resolve(info, module)
     a = _load_raw(info, mod.file, mod.key_A)
     b = _load_raw(info, mod.file, mod.key_B)
-    key_a, key_b = mod.key_A, mod.key_B
-    if mod.kind == "embedding" or mod.fan_in_fan_out:
-        a, b = b.T, a.T
-        key_a, key_b = key_b, key_a
+    transposed = stores_transposed(mod)
+    a, b = swap_layout(a, b, transposed)
+    key_a, key_b = (mod.key_B, mod.key_A) if transposed else (mod.key_A, mod.key_B)
     if tuple(a.shape) != (mod.r, mod.m_in) or tuple(b.shape) != (mod.n_out, mod.r):
         raise AdapterError(
             f"adapter {info.ref!r}: module {mod.name!r} factors have shapes {tuple(a.shape)} / "

@@ -77,6 +77,18 @@ _UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 
+def stores_transposed(module: Any) -> bool:
+    """PEFT stores the factors of Conv1D (fan_in_fan_out) and Embedding LoRAs swapped and
+    transposed relative to the base weight's layout ΔW = B @ A."""
+    return module.kind == "embedding" or bool(getattr(module, "fan_in_fan_out", False))
+
+
+def swap_layout(a: Any, b: Any, transposed: bool) -> tuple[Any, Any]:
+    """(A, B) <-> PEFT's stored (lora_A, lora_B): (Bᵀ, Aᵀ) when ``transposed``, else as is.
+    Its own inverse, so reading and writing use the same call."""
+    return (b.T, a.T) if transposed else (a, b)
+
+
 class FrozenMap(Mapping):
     """Immutable, hashable, ordered mapping (mergekit Task fields must hash by value)."""
 
@@ -322,7 +334,8 @@ def _valid_entry(meta: Any) -> bool:
 
 
 def read_safetensors_header(path: str, *, what: str = "") -> dict[str, dict[str, Any]]:
-    """Tensor key -> {"dtype", "shape"} from a safetensors header (no tensor data read)."""
+    """Tensor key -> {"dtype", "shape", "start", "nbytes"} from a safetensors header (no tensor
+    data read); ``start`` is the absolute byte offset of the tensor's data in the file."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -358,7 +371,12 @@ def read_safetensors_header(path: str, *, what: str = "") -> dict[str, dict[str,
                 f"{what}{path}: tensor {key!r} extends past the end of the file (truncated "
                 "download?). Download or save the adapter again."
             )
-        out[key] = {"dtype": meta["dtype"], "shape": tuple(meta["shape"])}
+        out[key] = {
+            "dtype": meta["dtype"],
+            "shape": tuple(meta["shape"]),
+            "start": 8 + n + begin,
+            "nbytes": end - begin,
+        }
     return out
 
 

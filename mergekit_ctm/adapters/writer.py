@@ -22,6 +22,9 @@ from mergekit_ctm.adapters.peft_lora import (
     SAFETENSORS_NAME,
     AdapterInfo,
     _natural_key,
+    read_safetensors_header,
+    stores_transposed,
+    swap_layout,
 )
 
 
@@ -64,10 +67,7 @@ def to_peft_tensors(
             f"ΔW is {(n_out, m_in)}."
         )
     key_a, key_b = peft_tensor_names(module)
-    if module.kind == "embedding" or (module.kind == "linear" and module.fan_in_fan_out):
-        pa, pb = B.T, A.T
-    else:
-        pa, pb = A, B
+    pa, pb = swap_layout(A, B, stores_transposed(module))
     # safetensors needs contiguous, non-shared storage.
     return {key_a: pa.contiguous().clone(), key_b: pb.contiguous().clone()}
 
@@ -209,3 +209,48 @@ def write_adapter(
     save_file(data, os.path.join(out_dir, SAFETENSORS_NAME), metadata={"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(dict(config), f, indent=2, sort_keys=True)
+
+
+def consolidate_shards(out_path: str, basename: str, chunk: int = 1 << 24) -> None:
+    """Join ``basename-0000k-of-0000n.safetensors`` into one ``basename.safetensors``.
+
+    PEFT loads single-file adapters only, while mergekit's writer flushes bounded shards so
+    memory does not grow with the number of modules. Bytes are copied in ``chunk``-sized
+    pieces; tensors keep their order within and across shards.
+    """
+    import struct
+
+    index_path = os.path.join(out_path, f"{basename}.safetensors.index.json")
+    if not os.path.exists(index_path):
+        return
+    with open(index_path, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    entries = []  # (name, meta, shard path)
+    for shard in shards:
+        path = os.path.join(out_path, shard)
+        header = read_safetensors_header(path, what="merged shard ")
+        entries += [(k, m, path) for k, m in sorted(header.items(), key=lambda kv: kv[1]["start"])]
+    header_out: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, meta, _ in entries:
+        header_out[name] = {
+            "dtype": meta["dtype"],
+            "shape": list(meta["shape"]),
+            "data_offsets": [offset, offset + meta["nbytes"]],
+        }
+        offset += meta["nbytes"]
+    blob = json.dumps(header_out, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(os.path.join(out_path, f"{basename}.safetensors"), "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        for _, meta, path in entries:
+            with open(path, "rb") as src:
+                src.seek(meta["start"])
+                length = meta["nbytes"]
+                while length > 0:
+                    data = src.read(min(chunk, length))
+                    out.write(data)
+                    length -= len(data)
+    for shard in shards:
+        os.remove(os.path.join(out_path, shard))
+    os.remove(index_path)

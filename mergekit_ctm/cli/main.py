@@ -2,7 +2,7 @@
 
 mergekit-ctm merge RECIPE OUT [mergekit-yaml options]
 mergekit-ctm validate RECIPE                 # recipe + every adapter, plan, no tensor math
-mergekit-ctm inspect OUT --inputs A1 A2 ...  # per-task energy retention (002, App. D.1)
+mergekit-ctm inspect OUT --inputs A1 A2 ...  # per-task energy retention (CtM paper, App. D.1)
 mergekit-ctm reference [-o docs/reference.md]
 """
 
@@ -71,7 +71,8 @@ def validate_cmd(recipe: str, random_seed: int | None) -> None:
 
 @main.command(
     "inspect",
-    help="Per-task energy retention ρ̄(t) of merged adapter OUT (002 D.1).",
+    help="Per-task energy retention ρ̄(t) of merged adapter OUT (He et al., Compress then "
+    "Merge, arXiv:2606.03723, App. D.1).",
     context_settings={"allow_extra_args": True},
 )
 @click.argument("out_path", type=click.Path(exists=True, file_okay=False))

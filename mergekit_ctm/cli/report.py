@@ -86,7 +86,8 @@ def _base_detail(plan: MergePlan) -> str:
 
 @dataclass
 class Retention:
-    """ρ̄(t) for each input adapter: mean over its modules of ρ^(t),i (Appendix D.1 of 002)."""
+    """ρ̄(t) for each input adapter: mean over its modules of ρ^(t),i (CtM paper,
+    arXiv:2606.03723, App. D.1)."""
 
     inputs: list[str]
     per_module: list[dict[str, float]]

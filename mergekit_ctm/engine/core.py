@@ -80,7 +80,7 @@ class CoreSpace:
         return self.A_cat.mT @ self.coef_A.to(self.A_cat.dtype)
 
     def canonicalize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Form U_B, V_A with canonical column signs (DESIGN.md) and flip P, Q to match."""
+        """Form U_B, V_A with canonical column signs (linalg.canonical_signs) and flip P, Q."""
         U, V = self.U_B(), self.V_A()
         su, sv = canonical_signs(U), canonical_signs(V)
         U, V = U * su, V * sv

@@ -4,7 +4,8 @@ Each LoRA is a sum of rank-one units ΔWₜ = Σᵢ (sₜ bₜᵢ) aₜᵢᵀ (b
 of Aₜ). The MSU pool of all T adapters is clustered into k = rank clusters and each cluster is
 replaced by its centroid unit; the merged LoRA is the sum of the centroids.
 
-The summary we build from (shared/papers/003) leaves details open; our choices:
+The paper (Zhao et al., ICLR 2025: Merging LoRAs like Playing LEGO) leaves details open;
+our choices:
 1. Units are balanced first (‖ã‖ = ‖b̃‖ = √(sₜ‖a‖‖b‖)) so the split of the scale between the
    factors does not matter.
 2. Clustering feature: the unit direction x = [ã/‖ã‖; b̃/‖b̃‖]/√2. A unit and its negation

@@ -103,8 +103,8 @@ def iso_c(
 
     Assumption: mean and directions over the numerically nonzero σ only (module docstring).
     ``rank`` (set by the pipelines when they truncate): keep the top-``rank`` σ of the sum before
-    flattening, as the CtM paper (002, C.2) does for MtC Iso-C; a flat spectrum cannot be
-    truncated afterwards without choosing an arbitrary subspace.
+    flattening, as the CtM paper (arXiv:2606.03723, C.2) does for MtC Iso-C; a flat spectrum
+    cannot be truncated afterwards without choosing an arbitrary subspace.
     """
     x = _stack(tensors, weight).sum(0)
     u, s, vh = _svd(x)
@@ -279,7 +279,8 @@ def pcb(
 
 
 def balanced_factors(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(A, B) with B A = x: B = U √Σ, A = √Σ Vᵀ over nonzero σ, signs canonical (DESIGN.md)."""
+    """(A, B) with B A = x: B = U √Σ, A = √Σ Vᵀ over nonzero σ, signs canonical
+    (``linalg.canonical_signs``)."""
     u, s, vh = _svd(x)
     sign = canonical_signs(u)
     root = s.sqrt()

@@ -64,17 +64,17 @@ def is_adapter_recipe(merge_config: Any) -> bool:
     if method not in METHOD_NAMES:
         return False
     refs = _model_refs(merge_config)
-    full = [r for r in refs if is_full_checkpoint(r)]
-    if full and len(full) < len(refs):
+    full = [is_full_checkpoint(r) for r in refs]
+    if any(full) and not all(full):
         from mergekit_ctm.recipe.model import RecipeError
 
-        adapter = next(r for r in refs if r not in full)
+        i, j = full.index(True), full.index(False)
         raise RecipeError(
-            f"models mix full checkpoints ({full[0]}) and PEFT adapters ({adapter}); merge_method "
-            f"{method} takes one kind per recipe. Merge the adapters into their base first "
-            "(mergekit-ctm with output: model), or list only one kind"
+            f"models[{i}] ({refs[i]}) is a full checkpoint but models[{j}] ({refs[j]}) is a PEFT "
+            f"adapter; merge_method {method} takes one kind per recipe. Merge the adapters into "
+            "their base first (mergekit-ctm with output: model), or list only one kind"
         )
-    return not full
+    return not any(full)
 
 
 def _recipe_path_from_click() -> str | None:

@@ -15,6 +15,7 @@ from mergekit.graph import Executor, Task
 from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
 from mergekit.options import MergeOptions
 
+from mergekit_ctm.adapters.peft_lora import stores_transposed
 from mergekit_ctm.plan import output
 from mergekit_ctm.plan.output import check_output_path
 from mergekit_ctm.plan.tasks import (
@@ -55,21 +56,20 @@ def recipe_source(merge_config: Any, config_source: str | None) -> str | dict[st
     return merge_config.model_dump(mode="json", exclude_none=True)
 
 
-def _module_tasks(plan: MergePlan, module: Any) -> tuple[MergeModule, tuple[LoadFactors, ...]]:
-    loads = tuple(
-        LoadFactors(adapter_path=plan.adapters[i].path, module=module.name, dtype=plan.dtype)
-        for i in module.adapters
-    )
-    merge = MergeModule(
+def _merge_task(plan: MergePlan, module: Any) -> MergeModule:
+    """The engine merge of one module, fed by one LoadFactors per adapter that has it."""
+    return MergeModule(
         module=module.name,
-        factors=loads,
+        factors=tuple(
+            LoadFactors(adapter_path=plan.adapters[i].path, module=module.name, dtype=plan.dtype)
+            for i in module.adapters
+        ),
         method=plan.method,
         params=module.params,
         rule_params=module.rule_params,
         seed=module.seed,
         dtype=plan.dtype,
     )
-    return merge, loads
 
 
 def _dense_task(plan: MergePlan, dense: Any, base_index: Any) -> MergeDense:
@@ -115,8 +115,8 @@ def plan_adapter_tasks(plan: MergePlan, out_path: str, options: MergeOptions) ->
     saves: list[Task] = []
     ranks: list[ModuleRank] = []
     for module in plan.modules:
-        merge, _ = _module_tasks(plan, module)
-        transposed = module.kind == "embedding" or module.fan_in_fan_out
+        merge = _merge_task(plan, module)
+        transposed = stores_transposed(module)
         for which, key in (("A", module.key_A), ("B", module.key_B)):
             saves.append(
                 SaveTensor(
@@ -165,7 +165,7 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
     )
     by_weight: dict[str, Task] = {}
     for module in plan.modules:
-        merge, _ = _module_tasks(plan, module)
+        merge = _merge_task(plan, module)
         by_weight[module.weight_name] = ApplyDelta(
             base=LoadTensor(model=base_ref, tensor=module.weight_name),
             merge=merge,

@@ -22,6 +22,8 @@ from mergekit.graph import Task
 from mergekit.io.tasks import LoadTensor, TensorWriterTask
 
 from mergekit_ctm.adapters import AdapterInfo, load_factors, load_full_tensor, read_adapter
+from mergekit_ctm.adapters.peft_lora import swap_layout
+from mergekit_ctm.adapters.writer import consolidate_shards
 
 
 def _stamp(path: str) -> tuple:
@@ -129,9 +131,7 @@ class PeftFactor(Task[torch.Tensor]):
         return self.merge.module
 
     def execute(self, merged: tuple) -> torch.Tensor:
-        a, b = merged[0], merged[1]
-        if self.transposed:
-            a, b = b.T, a.T
+        a, b = swap_layout(merged[0], merged[1], self.transposed)
         return (a if self.which == "A" else b).contiguous()
 
 
@@ -280,54 +280,3 @@ class FinalizeAdapter(Task[dict]):
         with open(os.path.join(self.out_path, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         return {"ranks": ranks, "requested": requested, "config": config}
-
-
-def consolidate_shards(out_path: str, basename: str, chunk: int = 1 << 24) -> None:
-    """Join ``basename-0000k-of-0000n.safetensors`` into one ``basename.safetensors``.
-
-    PEFT loads single-file adapters only, while the writer flushes bounded shards so memory
-    does not grow with the number of modules. Bytes are copied in ``chunk``-sized pieces.
-    """
-    import json
-    import os
-    import struct
-
-    index_path = os.path.join(out_path, f"{basename}.safetensors.index.json")
-    if not os.path.exists(index_path):
-        return
-    with open(index_path, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
-    shards = sorted(set(weight_map.values()))
-    entries = []  # (name, meta, shard path, absolute start, length)
-    for shard in shards:
-        path = os.path.join(out_path, shard)
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = meta["data_offsets"]
-            entries.append((name, meta, path, 8 + n + begin, end - begin))
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, meta, _, _, length in entries:
-        header[name] = {
-            "dtype": meta["dtype"],
-            "shape": meta["shape"],
-            "data_offsets": [offset, offset + length],
-        }
-        offset += length
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    target = os.path.join(out_path, f"{basename}.safetensors")
-    with open(target, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)) + blob)
-        for _, _, path, start, length in entries:
-            with open(path, "rb") as src:
-                src.seek(start)
-                while length > 0:
-                    data = src.read(min(chunk, length))
-                    out.write(data)
-                    length -= len(data)
-    for shard in shards:
-        os.remove(os.path.join(out_path, shard))
-    os.remove(index_path)

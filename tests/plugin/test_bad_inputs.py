@@ -250,7 +250,7 @@ CASES: list[Case] = [
         "adapter-is-base",
         recipe(models=[{"model": "base"}, {"model": "adapters/a1"}]),
         2,
-        ("models[0]", "adapter_config.json"),
+        ("models[0] (base) is a full checkpoint", "models[1] (adapters/a1) is a PEFT adapter"),
     ),
     Case(
         "config-missing",
