@@ -6,17 +6,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Sequence
 from typing import Any
 
-import yaml
 from mergekit.common import ModelReference
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
 from mergekit.options import MergeOptions
 
 from mergekit_ctm.adapters.peft_lora import stores_transposed
-from mergekit_ctm.plan import output
+from mergekit_ctm.plan import card, output
 from mergekit_ctm.plan.output import check_output_path
 from mergekit_ctm.plan.tasks import (
     ApplyDelta,
@@ -197,69 +195,14 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
     return [*saves, FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
 
 
-def model_card(
-    plan: MergePlan,
-    name: str,
-    ranks: dict[str, int] | None = None,
-    zero: Sequence[str] = (),
-) -> str:
-    """README.md with Hub front matter (base_model, library_name: peft, tags).
-
-    ``zero``: modules whose merged update is zero (left out of the adapter)."""
-    meta: dict[str, Any] = {}
-    if plan.base_model:
-        meta["base_model"] = plan.base_model
-    if plan.output == "adapter":
-        meta["library_name"] = "peft"
-    meta["tags"] = ["mergekit", "merge", "mergekit-ctm", plan.method]
-    rule = f" with base rule `{plan.base_rule}`" if plan.base_rule else ""
-    what = "LoRA adapter" if plan.output == "adapter" else "model (base model + merged LoRA update)"
-    lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False).rstrip(),
-        "---",
-        f"# {name}",
-        "",
-        f"This {what} was merged from {len(plan.adapters)} LoRA adapters with "
-        "mergekit-ctm (a [mergekit](https://github.com/arcee-ai/mergekit) plugin) using the "
-        f"`{plan.method}` method{rule}.",
-        "",
-        "## Inputs",
-        "",
-    ]
-    for info in plan.adapters:
-        rs = sorted({m.r for m in info.modules.values()})
-        lines.append(
-            f"- `{info.ref}` (rank {', '.join(map(str, rs))}, {len(info.modules)} modules)"
-        )
-    if ranks:
-        out = sorted(set(ranks.values()))
-        lines += ["", f"Output rank: {', '.join(map(str, out))} over {len(ranks)} modules."]
-    if zero:
-        lines += [
-            "",
-            f"Left out, their merged update is zero (every input's is, or they cancel): "
-            f"{', '.join(f'`{m}`' for m in zero)}.",
-        ]
-    lines += [
-        "",
-        "## Configuration",
-        "",
-        "```yaml",
-        plan.recipe_text.rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _write_metadata(plan: MergePlan, out: str, name: str, result: dict[str, Any]) -> None:
+def _write_metadata(plan: MergePlan, out: str, result: dict[str, Any]) -> None:
     ranks = result.get("ranks")
     zero = [m for m in result.get("requested", {}) if m not in (ranks or {})]
+    ids = card.identities(plan)
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(plan, name, ranks, zero))
+        f.write(card.model_card(plan, ids, ranks, zero))
     with open(os.path.join(out, "mergekit_config.yml"), "w", encoding="utf-8") as f:
-        f.write(plan.recipe_text)
+        f.write(card.config_text(plan, ids))
 
 
 def _copy_model_files(plan: MergePlan, out: str) -> None:
@@ -314,7 +257,7 @@ def execute_plan(
         if plan.output == "model":
             _copy_model_files(plan, tmp)
         if options.write_model_card:
-            _write_metadata(plan, tmp, os.path.basename(os.path.abspath(out_path)), result)
+            _write_metadata(plan, tmp, result)
         result["files"] = stage.commit()
         return result
     except BaseException:

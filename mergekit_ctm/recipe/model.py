@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import yaml
 from mergekit.config import ParameterSetting
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from mergekit_ctm.errors import InputError
 
@@ -70,6 +70,11 @@ class Recipe(BaseModel):
     output: Literal["adapter", "model"] = Field(
         default="adapter",
         description="adapter: a PEFT LoRA dir; model: the base model with the merged update added",
+    )
+    random_seed: StrictInt | None = Field(
+        default=None,
+        description="seed of random rules (DARE, DELLA) and LoRA-LEGO's k-means when "
+        "--random-seed is not given (mergekit_config.yml of a merge records it)",
     )
     tokenizer_source: str | None = Field(
         default=None, description="accepted for mergekit compatibility; only 'base' or null"

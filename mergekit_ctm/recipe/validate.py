@@ -619,12 +619,16 @@ def build_plan(
     random_seed: int | None = None,
     cache_dir: str | None = None,
 ) -> MergePlan:
-    """Validate the recipe and every adapter (headers only) and resolve parameters per module."""
+    """Validate the recipe and every adapter (headers only) and resolve parameters per module.
+
+    ``random_seed`` (``--random-seed``) wins over the recipe's ``random_seed:``."""
     if isinstance(source, Recipe):
         recipe, text = source, source.model_dump_json()
     else:
         recipe = parse_recipe(source)
         text = source if isinstance(source, str) else json.dumps(source)
+    if random_seed is None:
+        random_seed = recipe.random_seed
     method = recipe.merge_method
     if method not in METHOD_NAMES:
         raise RecipeError(
