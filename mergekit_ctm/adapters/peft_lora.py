@@ -505,32 +505,11 @@ def _matches_modules_to_save(name: str, modules_to_save: tuple[str, ...]) -> boo
 # --------------------------------------------------------------------------- read
 
 
-def read_adapter(ref: Any, *, cache_dir: str | None = None) -> AdapterInfo:
-    """Read one PEFT LoRA adapter's config and tensor headers (no tensor data).
-
-    ref: local adapter directory, hub id (`owner/name[@rev]`, adapter files only are fetched),
-    or mergekit's `base+adapter` (`ModelReference` with `.lora`): the adapter is the lora part
-    and is never merged into the base.
-    """
-    ref_str, path, base_ref = resolve_adapter_path(ref, cache_dir=cache_dir)
-    what = f"adapter {ref_str!r}: "
-    cfg = _load_config(path, what)
-    lcfg = _check_config(cfg, what)
-    _check_rank_alpha(lcfg, what)
-
-    fname = _weights_file(path, what)
-    fpath = os.path.join(path, fname)
-    if fname.endswith(".safetensors"):
-        header = read_safetensors_header(fpath, what=what)
-    else:
-        header = _read_bin_header(fpath, what=what)
-
-    rank_pattern = dict(lcfg.rank_pattern or {})
-    alpha_pattern = dict(lcfg.alpha_pattern or {})
-    modules_to_save = tuple(lcfg.modules_to_save or ())
-    fan_in_fan_out = bool(lcfg.fan_in_fan_out)
-
-    halves: dict[str, dict[str, tuple[str, str]]] = {}  # module -> {"A"/"B": (key, kind)}
+def _split_keys(
+    header: Mapping[str, Any], fname: str, what: str
+) -> tuple[dict[str, dict[str, tuple[str, str]]], list[str]]:
+    """(module -> {"A"/"B": (key, kind)}, other keys) from a weights file's tensor names."""
+    halves: dict[str, dict[str, tuple[str, str]]] = {}
     others: list[str] = []
     for key in header:
         if not key.startswith(PEFT_PREFIX):
@@ -555,106 +534,154 @@ def read_adapter(ref: Any, *, cache_dir: str | None = None) -> AdapterInfo:
                     "(expected lora_A.weight / lora_B.weight / lora_embedding_A / _B)."
                 )
             others.append(key)
+    return halves, others
 
-    modules: dict[str, LoraModule] = {}
-    for mod in sorted(halves, key=_natural_key):
-        h = halves[mod]
-        for need in ("A", "B"):
-            if need not in h:
-                have = next(iter(h.values()))[0]
-                raise AdapterError(
-                    f"{what}module {mod!r} has {have} but no lora_{need} tensor in {fname}. The "
-                    "adapter file is incomplete; save it again."
-                )
-        (key_a, kind_a), (key_b, kind_b) = h["A"], h["B"]
-        for key in (key_a, key_b):
-            if header[key]["dtype"] not in FACTOR_DTYPES:
-                raise AdapterError(
-                    f"{what}module {mod!r}: tensor {key!r} has dtype {header[key]['dtype']}; "
-                    f"LoRA factors must be floating point ({', '.join(FACTOR_DTYPES)}). The "
-                    "adapter file is corrupt or was not saved by PEFT; save it again with "
-                    "PeftModel.save_pretrained."
-                )
-        if kind_a != kind_b:
+
+def _lora_module(
+    mod: str,
+    h: Mapping[str, tuple[str, str]],
+    header: Mapping[str, Any],
+    lcfg: Any,
+    fname: str,
+    what: str,
+) -> LoraModule:
+    """One module's LoraModule from its two factor headers and the config (checked)."""
+    for need in ("A", "B"):
+        if need not in h:
+            have = next(iter(h.values()))[0]
             raise AdapterError(
-                f"{what}module {mod!r} mixes {key_a} and {key_b}; save the adapter again."
+                f"{what}module {mod!r} has {have} but no lora_{need} tensor in {fname}. The "
+                "adapter file is incomplete; save it again."
             )
-        sa, sb = header[key_a]["shape"], header[key_b]["shape"]
-        if len(sa) != 2 or len(sb) != 2:
+    (key_a, kind_a), (key_b, kind_b) = h["A"], h["B"]
+    for key in (key_a, key_b):
+        if header[key]["dtype"] not in FACTOR_DTYPES:
             raise AdapterError(
-                f"{what}module {mod!r} has {len(sa)}-D LoRA weights {sa} / {sb} (convolution "
-                "LoRA); conv LoRA is not supported yet, only Linear / Conv1D / Embedding."
+                f"{what}module {mod!r}: tensor {key!r} has dtype {header[key]['dtype']}; "
+                f"LoRA factors must be floating point ({', '.join(FACTOR_DTYPES)}). The "
+                "adapter file is corrupt or was not saved by PEFT; save it again with "
+                "PeftModel.save_pretrained."
             )
-        r_a, r_b = sa[0], sb[1]
-        if r_a != r_b:
-            raise AdapterError(
-                f"{what}module {mod!r}: lora_A {sa} has rank {r_a} but lora_B {sb} has rank "
-                f"{r_b}; A must be (r × in) and B (out × r). The adapter file is corrupt."
-            )
-        r, alpha = resolve_rank_alpha(mod, lcfg.r, lcfg.lora_alpha, rank_pattern, alpha_pattern)
-        if r != r_a:
-            src = "rank_pattern" if rank_pattern and r != lcfg.r else "r"
-            raise AdapterError(
-                f"{what}module {mod!r}: {CONFIG_NAME} gives rank {r} ({src}) but the stored "
-                f"lora_A {sa} / lora_B {sb} have rank {r_a}. Fix r / rank_pattern in "
-                f"{CONFIG_NAME} to match the saved weights."
-            )
-        if kind_a == "embedding":
-            # PEFT: ΔW = (B_e @ A_e)ᵀ s, A_e (r × num_embeddings), B_e (dim × r)
-            n_out, m_in, fifo = sa[1], sb[0], False
-        elif fan_in_fan_out:
-            # Conv1D weight is (in × out): ΔW = (B @ A)ᵀ s
-            n_out, m_in, fifo = sa[1], sb[0], True
-        else:
-            n_out, m_in, fifo = sb[0], sa[1], False
-        dtype = header[key_a]["dtype"]
-        modules[mod] = LoraModule(
-            name=mod,
-            kind=kind_a,
-            r=r,
-            alpha=float(alpha),
-            use_rslora=bool(lcfg.use_rslora),
-            n_out=int(n_out),
-            m_in=int(m_in),
-            fan_in_fan_out=fifo,
-            key_A=key_a,
-            key_B=key_b,
-            file=fname,
-            dtype=dtype,
+    if kind_a != kind_b:
+        raise AdapterError(
+            f"{what}module {mod!r} mixes {key_a} and {key_b}; save the adapter again."
         )
+    sa, sb = header[key_a]["shape"], header[key_b]["shape"]
+    if len(sa) != 2 or len(sb) != 2:
+        raise AdapterError(
+            f"{what}module {mod!r} has {len(sa)}-D LoRA weights {sa} / {sb} (convolution "
+            "LoRA); conv LoRA is not supported yet, only Linear / Conv1D / Embedding."
+        )
+    r_a, r_b = sa[0], sb[1]
+    if r_a != r_b:
+        raise AdapterError(
+            f"{what}module {mod!r}: lora_A {sa} has rank {r_a} but lora_B {sb} has rank "
+            f"{r_b}; A must be (r × in) and B (out × r). The adapter file is corrupt."
+        )
+    rank_pattern = dict(lcfg.rank_pattern or {})
+    alpha_pattern = dict(lcfg.alpha_pattern or {})
+    r, alpha = resolve_rank_alpha(mod, lcfg.r, lcfg.lora_alpha, rank_pattern, alpha_pattern)
+    if r != r_a:
+        src = "rank_pattern" if rank_pattern and r != lcfg.r else "r"
+        raise AdapterError(
+            f"{what}module {mod!r}: {CONFIG_NAME} gives rank {r} ({src}) but the stored "
+            f"lora_A {sa} / lora_B {sb} have rank {r_a}. Fix r / rank_pattern in "
+            f"{CONFIG_NAME} to match the saved weights."
+        )
+    if kind_a == "embedding":
+        # PEFT: ΔW = (B_e @ A_e)ᵀ s, A_e (r × num_embeddings), B_e (dim × r)
+        n_out, m_in, fifo = sa[1], sb[0], False
+    elif lcfg.fan_in_fan_out:
+        # Conv1D weight is (in × out): ΔW = (B @ A)ᵀ s
+        n_out, m_in, fifo = sa[1], sb[0], True
+    else:
+        n_out, m_in, fifo = sb[0], sa[1], False
+    return LoraModule(
+        name=mod,
+        kind=kind_a,
+        r=r,
+        alpha=float(alpha),
+        use_rslora=bool(lcfg.use_rslora),
+        n_out=int(n_out),
+        m_in=int(m_in),
+        fan_in_fan_out=fifo,
+        key_A=key_a,
+        key_B=key_b,
+        file=fname,
+        dtype=header[key_a]["dtype"],
+    )
 
+
+def _full_tensor(
+    key: str,
+    header: Mapping[str, Any],
+    modules: Mapping[str, LoraModule],
+    lcfg: Any,
+    fname: str,
+    what: str,
+) -> FullTensor:
+    """A non-LoRA tensor: a resized embedding copy, a modules_to_save tensor or a bias."""
+    modules_to_save = tuple(lcfg.modules_to_save or ())
+    name = key[len(PEFT_PREFIX) :]
+    base_name = name.replace(".base_layer.", ".")
+    owner = base_name.rsplit(".", 1)[0]
+    if owner in modules and modules[owner].kind == "embedding" and name.endswith(".weight"):
+        role = "embedding_layer"
+    elif modules_to_save and _matches_modules_to_save(base_name, modules_to_save):
+        role = "modules_to_save"
+    elif lcfg.bias != "none" and name.endswith(".bias"):
+        role = "bias"
+    else:
+        raise AdapterError(
+            f"{what}tensor {key!r} is neither a LoRA factor, a modules_to_save tensor "
+            f"(modules_to_save={list(modules_to_save)}) nor a saved bias (bias="
+            f"{lcfg.bias!r}). Fix modules_to_save / bias in {CONFIG_NAME}."
+        )
+    meta = header[key]
+    return FullTensor(
+        key=key,
+        weight_name=base_name,
+        role=role,
+        shape=tuple(int(s) for s in meta["shape"]),
+        dtype=meta["dtype"],
+        file=fname,
+    )
+
+
+def read_adapter(ref: Any, *, cache_dir: str | None = None) -> AdapterInfo:
+    """Read one PEFT LoRA adapter's config and tensor headers (no tensor data).
+
+    ref: local adapter directory, hub id (`owner/name[@rev]`, adapter files only are fetched),
+    or mergekit's `base+adapter` (`ModelReference` with `.lora`): the adapter is the lora part
+    and is never merged into the base.
+    """
+    ref_str, path, base_ref = resolve_adapter_path(ref, cache_dir=cache_dir)
+    what = f"adapter {ref_str!r}: "
+    cfg = _load_config(path, what)
+    lcfg = _check_config(cfg, what)
+    _check_rank_alpha(lcfg, what)
+
+    fname = _weights_file(path, what)
+    fpath = os.path.join(path, fname)
+    if fname.endswith(".safetensors"):
+        header = read_safetensors_header(fpath, what=what)
+    else:
+        header = _read_bin_header(fpath, what=what)
+
+    halves, others = _split_keys(header, fname, what)
+    modules = {
+        mod: _lora_module(mod, halves[mod], header, lcfg, fname, what)
+        for mod in sorted(halves, key=_natural_key)
+    }
     if not modules:
         raise AdapterError(
             f"{what}{fname} holds no LoRA weights (lora_A / lora_B). Is this a LoRA adapter "
             "saved with PeftModel.save_pretrained?"
         )
-
-    full: dict[str, FullTensor] = {}
-    for key in sorted(others, key=_natural_key):
-        name = key[len(PEFT_PREFIX) :]
-        base_name = name.replace(".base_layer.", ".")
-        owner = base_name.rsplit(".", 1)[0]
-        if owner in modules and modules[owner].kind == "embedding" and name.endswith(".weight"):
-            role = "embedding_layer"
-        elif modules_to_save and _matches_modules_to_save(base_name, modules_to_save):
-            role = "modules_to_save"
-        elif lcfg.bias != "none" and name.endswith(".bias"):
-            role = "bias"
-        else:
-            raise AdapterError(
-                f"{what}tensor {key!r} is neither a LoRA factor, a modules_to_save tensor "
-                f"(modules_to_save={list(modules_to_save)}) nor a saved bias (bias="
-                f"{lcfg.bias!r}). Fix modules_to_save / bias in {CONFIG_NAME}."
-            )
-        meta = header[key]
-        full[key] = FullTensor(
-            key=key,
-            weight_name=base_name,
-            role=role,
-            shape=tuple(int(s) for s in meta["shape"]),
-            dtype=meta["dtype"],
-            file=fname,
-        )
+    full = {
+        key: _full_tensor(key, header, modules, lcfg, fname, what)
+        for key in sorted(others, key=_natural_key)
+    }
 
     tm = lcfg.target_modules
     target_modules = tm if isinstance(tm, str) or tm is None else tuple(sorted(tm))
@@ -666,10 +693,10 @@ def read_adapter(ref: Any, *, cache_dir: str | None = None) -> AdapterInfo:
         r=int(lcfg.r),
         lora_alpha=float(lcfg.lora_alpha),
         use_rslora=bool(lcfg.use_rslora),
-        fan_in_fan_out=fan_in_fan_out,
+        fan_in_fan_out=bool(lcfg.fan_in_fan_out),
         bias=str(lcfg.bias),
         target_modules=target_modules,
-        modules_to_save=modules_to_save,
+        modules_to_save=tuple(lcfg.modules_to_save or ()),
         modules=FrozenMap(modules),
         full_tensors=FrozenMap(full),
         files=(fname,),

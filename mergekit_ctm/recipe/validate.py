@@ -645,6 +645,40 @@ def build_plan(
     adapters = _read_adapters(recipe, cache_dir)
     labels = [a.ref for a in adapters]
     base_model, base_status, base_config, notes = _base_model(recipe, adapters, cache_dir, given)
+    _check_base_for(recipe, adapters, base_model)
+
+    # Union of target modules, in natural order of first appearance.
+    owners: dict[str, list[int]] = {}
+    for i, info in enumerate(adapters):
+        for name in info.modules:
+            owners.setdefault(name, []).append(i)
+    num_layers, layers_from_base = _num_layers(base_config, list(owners))
+    modules = tuple(
+        _module_plan(recipe, adapters, method, rule, name, idx, num_layers, random_seed)
+        for name, idx in owners.items()
+    )
+    dense = _dense_plans(recipe, adapters, labels, method, rule, num_layers, random_seed)
+    return MergePlan(
+        recipe=recipe,
+        recipe_text=text,
+        method=method,
+        base_rule=rule,
+        adapters=adapters,
+        base_model=base_model,
+        num_layers=num_layers,
+        modules=modules,
+        dense=dense,
+        random_seed=random_seed,
+        notes=notes,
+        base_status=base_status,
+        num_layers_from_base=layers_from_base,
+    )
+
+
+def _check_base_for(
+    recipe: Recipe, adapters: Sequence[AdapterInfo], base_model: str | None
+) -> None:
+    """output: model needs a local base; a local base must have every adapter's shapes."""
     if recipe.output == "model" and not (base_model and os.path.isdir(base_model)):
         raise RecipeError(
             f"output: model needs the base model as a local directory; base_model is "
@@ -659,68 +693,50 @@ def build_plan(
             except AdapterError as exc:
                 raise RecipeError(f"models[{i}]: {exc}") from None
 
-    # Union of target modules, in natural order of first appearance.
-    owners: dict[str, list[int]] = {}
-    for i, info in enumerate(adapters):
-        for name in info.modules:
-            owners.setdefault(name, []).append(i)
-    num_layers, layers_from_base = _num_layers(base_config, list(owners))
-    own_specs = METHODS[method].parameters
-    rule_spec = rule_specs(rule) if rule else ()
 
-    modules = []
-    for name, idx in owners.items():
-        first = adapters[idx[0]].modules[name]
-        for i in idx[1:]:
-            other = adapters[i].modules[name]
-            if (other.kind, other.n_out, other.m_in) != (first.kind, first.n_out, first.m_in):
-                raise RecipeError(
-                    f"module {name!r}: adapter {labels[idx[0]]!r} gives a {first.kind} ΔW of shape "
-                    f"{(first.n_out, first.m_in)} but adapter {labels[i]!r} gives {other.kind} "
-                    f"{(other.n_out, other.m_in)}; the adapters must share one base model"
-                )
-        tensor_name = first.weight_name
-        t = layer_t(name, num_layers)
-        own = {
-            p.name: _resolve(p, (("parameters", recipe.parameters),), tensor_name, t)
-            for p in own_specs
-        }
-        rvals = _rule_values(rule_spec, recipe, idx, tensor_name, t)
-        if rule:
-            _check_rule(rule, rvals, recipe, idx, name, tensor_name, t)
-        modules.append(
-            ModulePlan(
-                name=name,
-                kind=first.kind,
-                n_out=first.n_out,
-                m_in=first.m_in,
-                fan_in_fan_out=first.fan_in_fan_out,
-                adapters=tuple(idx),
-                ranks=tuple(adapters[i].modules[name].r for i in idx),
-                params=tuple((k, _freeze(v)) for k, v in own.items()),
-                rule_params=tuple((k, _freeze(v)) for k, v in rvals.items()),
-                seed=module_seed(random_seed, name),
-                t=t,
-                key_A=first.key_A,
-                key_B=first.key_B,
+def _module_plan(
+    recipe: Recipe,
+    adapters: Sequence[AdapterInfo],
+    method: str,
+    rule: str | None,
+    name: str,
+    idx: Sequence[int],
+    num_layers: int,
+    random_seed: int | None,
+) -> ModulePlan:
+    """One module: the adapters that have it agree on its shape; its parameters resolved."""
+    first = adapters[idx[0]].modules[name]
+    for i in idx[1:]:
+        other = adapters[i].modules[name]
+        if (other.kind, other.n_out, other.m_in) != (first.kind, first.n_out, first.m_in):
+            raise RecipeError(
+                f"module {name!r}: adapter {adapters[idx[0]].ref!r} gives a {first.kind} ΔW of "
+                f"shape {(first.n_out, first.m_in)} but adapter {adapters[i].ref!r} gives "
+                f"{other.kind} {(other.n_out, other.m_in)}; the adapters must share one base model"
             )
-        )
-
-    dense = _dense_plans(recipe, adapters, labels, method, rule, num_layers, random_seed)
-    return MergePlan(
-        recipe=recipe,
-        recipe_text=text,
-        method=method,
-        base_rule=rule,
-        adapters=adapters,
-        base_model=base_model,
-        num_layers=num_layers,
-        modules=tuple(modules),
-        dense=dense,
-        random_seed=random_seed,
-        notes=notes,
-        base_status=base_status,
-        num_layers_from_base=layers_from_base,
+    tensor_name = first.weight_name
+    t = layer_t(name, num_layers)
+    own = {
+        p.name: _resolve(p, (("parameters", recipe.parameters),), tensor_name, t)
+        for p in METHODS[method].parameters
+    }
+    rvals = _rule_values(rule_specs(rule) if rule else (), recipe, idx, tensor_name, t)
+    if rule:
+        _check_rule(rule, rvals, recipe, idx, name, tensor_name, t)
+    return ModulePlan(
+        name=name,
+        kind=first.kind,
+        n_out=first.n_out,
+        m_in=first.m_in,
+        fan_in_fan_out=first.fan_in_fan_out,
+        adapters=tuple(idx),
+        ranks=tuple(adapters[i].modules[name].r for i in idx),
+        params=tuple((k, _freeze(v)) for k, v in own.items()),
+        rule_params=tuple((k, _freeze(v)) for k, v in rvals.items()),
+        seed=module_seed(random_seed, name),
+        t=t,
+        key_A=first.key_A,
+        key_B=first.key_B,
     )
 
 
