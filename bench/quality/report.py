@@ -305,19 +305,9 @@ def setup_section(res: dict, tasks: list[str], seeds: list[str]) -> str:
     return "\n".join(L)
 
 
-def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") -> Path:
-    S = res["seeds"]
-    seeds = sorted(S, key=int)
-    tasks = list(S[seeds[0]]["lora_test"])
-    figs = figures(res, docs / "img", tasks, seeds)
-    keys = set().union(*[set(S[s].get("main", {})) for s in seeds])
-    L = []
-    L.append("# Merge quality: CtM vs Merge-then-Compress on real trained adapters\n")
-    if preamble:
-        L.append(preamble + "\n")
-    if findings:
-        L.append(findings + "\n")
-    L.append(setup_section(res, tasks, seeds))
+def _main_table(res: dict, S: dict, seeds: list[str], tasks: list[str], keys: set) -> list[str]:
+    """The table of normalized test accuracy per method (mean ± std over seeds)."""
+    L: list[str] = []
     L.append(
         f"## Table: normalized test accuracy (%) at rank {res['rank']}, mean ± std over "
         f"seeds {', '.join(seeds)}\n"
@@ -380,7 +370,12 @@ def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") 
                 + f" | {hp} |"
             )
     L.append("")
-    # per-seed headline
+    return L
+
+
+def _headline(S: dict, seeds: list[str]) -> list[str]:
+    """CtM-TIES against the best MtC chosen on validation, per seed."""
+    L: list[str] = []
     L.append("## CtM-TIES vs the best MtC at the same rank, per seed\n")
     L.append(
         "Best MtC = the MtC variant (full / KnOTS / core space with any rule, CoreSpace "
@@ -406,6 +401,12 @@ def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") 
             f"| {pretty(bt[0])} ({100 * tt:.2f}) | {100 * (ct - tt):+.2f} |"
         )
     L.append("")
+    return L
+
+
+def _sweep_section(S: dict, seeds: list[str], figs: dict) -> list[str]:
+    """The rank sweep (Figure 5) and its table."""
+    L: list[str] = []
     if "sweep" in figs:
         L.append("## Rank sweep (TIES), as Figure 5\n")
         L.append(f"![rank sweep]({figs['sweep']})\n")
@@ -434,6 +435,12 @@ def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") 
                     + " |"
                 )
             L.append("")
+    return L
+
+
+def _energy_section(S: dict, seeds: list[str], tasks: list[str], figs: dict) -> list[str]:
+    """Energy retention per task (Appendix D.1) and the task norms."""
+    L: list[str] = []
     if "energy" in figs:
         L.append("## Energy retention ρ̄(t) (Appendix D.1, Figure 3)\n")
         L.append(f"![energy retention]({figs['energy']})\n")
@@ -457,6 +464,12 @@ def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") 
             + " |"
         )
         L.append("")
+    return L
+
+
+def _drop_section(figs: dict) -> list[str]:
+    """Task norm vs accuracy drop after compression (Figure 2)."""
+    L: list[str] = []
     if "drop" in figs:
         L.append("## Task norm vs accuracy drop after compression (Figure 2)\n")
         L.append(f"![norm vs drop]({figs['drop']})\n")
@@ -465,6 +478,12 @@ def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") 
             "with the same rule minus that of the rank-r merge; one point per task and "
             "seed.\n"
         )
+    return L
+
+
+def _failures(S: dict, seeds: list[str]) -> list[str]:
+    """Warnings and failed merges recorded by the run."""
+    L: list[str] = []
     notes = [
         f"- seed {s}, {pretty(k).replace('*', '')}: {r['error'][:300]}"
         for s in seeds
@@ -479,6 +498,28 @@ def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") 
         )
         L.extend(notes)
         L.append("")
+    return L
+
+
+def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") -> Path:
+    """docs/quality.md (and its figures) from a run's results."""
+    S = res["seeds"]
+    seeds = sorted(S, key=int)
+    tasks = list(S[seeds[0]]["lora_test"])
+    figs = figures(res, docs / "img", tasks, seeds)
+    keys = set().union(*[set(S[s].get("main", {})) for s in seeds])
+    L = ["# Merge quality: CtM vs Merge-then-Compress on real trained adapters\n"]
+    if preamble:
+        L.append(preamble + "\n")
+    if findings:
+        L.append(findings + "\n")
+    L.append(setup_section(res, tasks, seeds))
+    L += _main_table(res, S, seeds, tasks, keys)
+    L += _headline(S, seeds)
+    L += _sweep_section(S, seeds, figs)
+    L += _energy_section(S, seeds, tasks, figs)
+    L += _drop_section(figs)
+    L += _failures(S, seeds)
     out = docs / "quality.md"
     out.write_text("\n".join(L) + "\n")
     return out
