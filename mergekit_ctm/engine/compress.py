@@ -37,9 +37,7 @@ gapᵢ = max(σ̃ᵢ − σ̃_{k+1}, 1e-2·σ̃ᵢ), which moves ΔW_k by ~σ̃�
 stopped at ``tol`` = 1e-5 (10× margin; it is waived once the gap at k is certainly below
 1e-2). Ritz values are low by at most min(rᵢ, rᵢ² / gapᵢ), and for Ritz triplets
 ‖ΔW − ΔW_k‖² = ‖ΔW‖² − Σ σ̃ᵢ², so that is criterion 2's estimate, stopped at 1e-7 (10×).
-Measured (bench/compress.py, docs/benchmarks.md; 4096² and 14336×4096, α = 0.5): criterion 1
-at 6e-7–1e-6 where the gap is ≥ 1e-2 (a float32 full SVD's own error is 2e-6), 2e-5 at k = 64
-(gap 8e-3), criterion 2 ≤ 1e-9, in 6–8 block steps.
+How close it comes, and how fast, is measured by bench/compress.py (docs/benchmarks.md).
 
 Determinism: on the CPU every product with ΔW or with a tall basis is split into fixed
 256-row blocks, each computed on one thread (from POOL_MIN entries, several blocks at once on
@@ -250,7 +248,7 @@ def _products(device: torch.device, size: int) -> Iterator[_Products]:
     On the CPU the calling thread runs on one thread until the end (its own work is tiny:
     QR of one block, the small eigh), and, from POOL_MIN entries on a multi-threaded torch,
     the blocks of each product go to a pool of one-thread workers. Smaller ΔW run the same
-    blocks one after the other (same bits; handing 0.1 ms products to a pool costs more than
+    blocks one after the other (same bits; handing tiny products to a pool costs more than
     it saves, more so on a busy machine).
     """
     threads = torch.get_num_threads()

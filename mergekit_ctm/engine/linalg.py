@@ -22,8 +22,8 @@ def tiny_cpu_ops(device: torch.device, size: int = 0) -> Iterator[None]:
     """Run a block of tiny CPU linear algebra on one thread, then restore the thread count.
 
     LAPACK/BLAS calls on (Σrₜ)-sized matrices take microseconds; with OpenMP they pay thread
-    start-up and, on a busy machine, stall: a 32 × 32 ``eigh`` took 19 ms with 2 threads and
-    0.13 ms with 1 on a loaded 2-core box. Large GEMMs outside the block keep every thread,
+    start-up and, on a busy machine, stall (measured in docs/benchmarks.md, "Engine speed").
+    Large GEMMs outside the block keep every thread,
     and so does a block whose matrices have order ``size`` > TINY (Σrₜ at large T).
     """
     if device.type != "cpu" or torch.get_num_threads() == 1 or size > TINY:
@@ -64,8 +64,8 @@ def gram64(F: torch.Tensor) -> torch.Tensor:
     """Fᵀ F in float64 (products of float32 entries are exact there), for a tall F (N × R).
 
     Converted and accumulated in row blocks of ~64k entries: a float64 copy of all of F is a
-    fresh multi-MB allocation per call whose first touch is slow (both Grams of a
-    Llama-shaped module: 2.7 ms in blocks vs 3.9 ms whole, single-threaded, same bits).
+    fresh multi-MB allocation per call whose first touch is slow (docs/benchmarks.md; the
+    bits are the same either way).
     """
     N, R = F.shape[-2:]
     rows = min(max(65536 // max(R, 1), 64), 4096)
