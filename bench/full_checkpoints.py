@@ -281,10 +281,14 @@ def check_output(out_dir: str, base_dir: str, rank: int, tol: float, log=print) 
     finite = bool(torch.isfinite(logits).all())
     del model, logits
 
-    def tensors(d: str) -> dict[str, tuple[str, str]]:
-        with open(os.path.join(d, "model.safetensors.index.json")) as f:
-            wm = json.load(f)["weight_map"]
-        return {k: os.path.join(d, v) for k, v in wm.items()}
+    def tensors(d: str) -> dict[str, str]:
+        """tensor name -> shard file (mergekit writes an index only for several shards)."""
+        files = {}
+        for fname in sorted(os.listdir(d)):
+            if fname.endswith(".safetensors"):
+                with safe_open(os.path.join(d, fname), framework="pt") as f:
+                    files.update(dict.fromkeys(f.keys(), os.path.join(d, fname)))
+        return files
 
     out_files, base_files = tensors(out_dir), tensors(base_dir)
     assert set(out_files) == set(base_files), "output and base tensor names differ"
