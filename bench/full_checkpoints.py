@@ -392,7 +392,7 @@ import torch, yaml, mergekit_ctm, mergekit.merge  # noqa: F401
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-recipe, out = sys.argv[1], sys.argv[2]
+recipe, out, shard = sys.argv[1], sys.argv[2], int(sys.argv[3])
 peak = {"RssAnon": 0, "RssFile": 0}
 done = False
 def sample():
@@ -406,7 +406,8 @@ th = threading.Thread(target=sample, daemon=True)
 th.start()
 text = open(recipe).read()
 run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out,
-          MergeOptions(quiet=True), config_source=text)
+          MergeOptions(quiet=True, **({"out_shard_size": shard} if shard else {})),
+          config_source=text)
 done = True
 th.join()
 end = status()
@@ -427,8 +428,8 @@ def memory_one(args, layers: int, log=print) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     load = loadavg()
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", CHILD, rpath, out], capture_output=True,
-                         text=True)  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", CHILD, rpath, out, str(args.mem_shard_size)],
+                         capture_output=True, text=True)  # fmt: skip
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
     stats = json.loads(res.stdout.strip().splitlines()[-1])
@@ -468,6 +469,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--mem-hidden", type=int, default=1024)
     ap.add_argument("--mem-layers", type=int, default=None, help="L (and 2L); default 4")
+    ap.add_argument(
+        "--mem-shard-size",
+        type=int,
+        default=0,
+        help="--out-shard-size in bytes for the memory runs (0: mergekit's 5 GB)",
+    )
     ap.add_argument("--tol", type=float, default=1e-3, help="σ₁₇ / σ₁ threshold")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")

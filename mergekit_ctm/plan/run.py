@@ -231,6 +231,20 @@ def plan_inputs(plan: MergePlan, recipe_path: str | None = None) -> list[tuple[s
     return inputs
 
 
+def _check_device(options: MergeOptions) -> None:
+    """--cuda (or --device cuda) on a machine without CUDA: one line, before any work."""
+    import torch
+
+    device = str(options.device or "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from mergekit_ctm.recipe import RecipeError
+
+        raise RecipeError(
+            f"--cuda: no CUDA device is available (torch {torch.__version__}); run without "
+            "--cuda to merge on the CPU"
+        )
+
+
 def execute_plan(
     plan: MergePlan, out_path: str, options: MergeOptions, recipe_path: str | None = None
 ) -> dict[str, Any]:
@@ -238,6 +252,7 @@ def execute_plan(
     a new directory appears whole, an existing one gets only our files, each replaced
     atomically)."""
     check_output_path(out_path, plan_inputs(plan, recipe_path))
+    _check_device(options)
     stage = output.stage(out_path)
     try:
         tmp = stage.path

@@ -432,6 +432,14 @@ CASES: list[Case] = [
             OSError(errno.EIO, "Input/output error", "adapter_model.safetensors"),
         ),
     ),
+    Case(
+        "cuda-without-gpu",
+        None,
+        2,
+        ("--cuda", "no CUDA device"),
+        argv=("recipe.yml", "out", "--cuda"),
+        extra={"no_cuda": True},
+    ),
     # ---- mergekit-ctm's own commands
     Case(
         "ctm-merge-out-is-adapter",
@@ -487,6 +495,8 @@ def other_shaped_adapter(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, example, tmp_path, monkeypatch, other_shaped_adapter):
+    if case.extra.get("no_cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     root = make_project(example, tmp_path / "project")
     (root / "notes.txt").write_text("user notes")
     if case.setup is not None:
