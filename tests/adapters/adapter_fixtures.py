@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -128,3 +129,40 @@ def lora_layers(pm) -> dict:
         ):
             out[name.removeprefix("base_model.model.")] = mod
     return out
+
+
+Q0 = "model.layers.0.self_attn.q_proj"
+KEY_A = f"base_model.model.{Q0}.lora_A.weight"
+KEY_B = f"base_model.model.{Q0}.lora_B.weight"
+
+
+@pytest.fixture
+def copy(adapters, tmp_path):
+    """A writable copy of a fixture adapter."""
+
+    def make(name: str) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(adapters[name], dst)
+        return dst
+
+    return make
+
+
+def edit_tensors(path: Path, fn) -> None:
+    """Rewrite an adapter's safetensors after ``fn`` edits its state dict in place."""
+    from safetensors.torch import load_file, save_file
+
+    f = path / "adapter_model.safetensors"
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+def edit_config(path: Path, **changes) -> None:
+    """Update keys of an adapter's adapter_config.json (NaN / Infinity as JSON extensions)."""
+    import json
+
+    f = path / "adapter_config.json"
+    cfg = json.loads(f.read_text())
+    cfg.update(changes)
+    f.write_text(json.dumps(cfg))

@@ -2,48 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from adapter_fixtures import load_base
-from safetensors.torch import load_file, save_file
+from adapter_fixtures import KEY_A, KEY_B, Q0, edit_config, edit_tensors, load_base
 
 from mergekit_ctm.adapters import AdapterError, load_factors, read_adapter
 from mergekit_ctm.examples import build_tiny_adapter
-
-Q0 = "model.layers.0.self_attn.q_proj"
-KEY_A = f"base_model.model.{Q0}.lora_A.weight"
-KEY_B = f"base_model.model.{Q0}.lora_B.weight"
-
-
-@pytest.fixture
-def copy(adapters, tmp_path):
-    """A writable copy of a fixture adapter."""
-
-    def make(name: str) -> Path:
-        dst = tmp_path / name
-        shutil.copytree(adapters[name], dst)
-        return dst
-
-    return make
-
-
-def _edit_tensors(path: Path, fn) -> None:
-    f = path / "adapter_model.safetensors"
-    sd = load_file(f)
-    fn(sd)
-    save_file(sd, f, metadata={"format": "pt"})
-
-
-def _edit_config(path: Path, **changes) -> None:
-    f = path / "adapter_config.json"
-    cfg = json.loads(f.read_text())
-    cfg.update(changes)
-    f.write_text(json.dumps(cfg))
 
 
 def _raises(path, *patterns: str) -> str:
@@ -83,7 +50,7 @@ def test_dora_magnitude_without_flag_names_module(bases, tmp_path):
                 use_dora=True,
             )
         )
-    _edit_config(p, use_dora=False)
+    edit_config(p, use_dora=False)
     _raises(p, "DoRA", Q0, "lora_magnitude_vector")
 
 
@@ -144,44 +111,44 @@ def test_truncated_safetensors(copy):
 
 def test_rank_mismatch_between_A_and_B(copy):
     p = copy("linear")
-    _edit_tensors(p, lambda sd: sd.__setitem__(KEY_B, torch.zeros(32, 3)))
+    edit_tensors(p, lambda sd: sd.__setitem__(KEY_B, torch.zeros(32, 3)))
     _raises(p, Q0, "rank 4", "rank 3", "corrupt")
 
 
 def test_rank_disagrees_with_config(copy):
     p = copy("linear")
-    _edit_config(p, r=5)
+    edit_config(p, r=5)
     _raises(p, Q0, "gives rank 5", "have rank 4", "rank_pattern")
     p = copy("patterns")
-    _edit_config(p, rank_pattern={"v_proj": 3, "layers.1.self_attn.q_proj": 3})
+    edit_config(p, rank_pattern={"v_proj": 3, "layers.1.self_attn.q_proj": 3})
     _raises(p, "model.layers.0.self_attn.v_proj", "rank_pattern", "rank 3")
 
 
 def test_missing_half(copy):
     p = copy("linear")
-    _edit_tensors(p, lambda sd: sd.pop(KEY_B))
+    edit_tensors(p, lambda sd: sd.pop(KEY_B))
     _raises(p, Q0, "no lora_B")
 
 
 def test_unknown_tensor_and_prefix(copy):
     p = copy("linear")
-    _edit_tensors(p, lambda sd: sd.__setitem__("base_model.model.lm_head.weight", torch.zeros(2)))
+    edit_tensors(p, lambda sd: sd.__setitem__("base_model.model.lm_head.weight", torch.zeros(2)))
     _raises(p, "base_model.model.lm_head.weight", "modules_to_save")
     p = copy("rslora")
-    _edit_tensors(p, lambda sd: sd.__setitem__("model.x.weight", torch.zeros(2)))
+    edit_tensors(p, lambda sd: sd.__setitem__("model.x.weight", torch.zeros(2)))
     _raises(p, "model.x.weight", "prefix")
 
 
 def test_unsupported_config_fields(copy):
     p = copy("linear")
-    _edit_config(p, lora_bias=True)
+    edit_config(p, lora_bias=True)
     _raises(p, "lora_bias", "not supported yet")
 
 
 def test_file_changed_after_read(copy):
     p = copy("linear")
     info = read_adapter(p)
-    _edit_tensors(p, lambda sd: sd.pop(KEY_A))
+    edit_tensors(p, lambda sd: sd.pop(KEY_A))
     with pytest.raises(AdapterError) as ei:
         load_factors(info, Q0)
     assert str(p) in str(ei.value) and KEY_A in str(ei.value)

@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from adapter_fixtures import KEY_A, KEY_B, Q0, edit_config, edit_tensors
+from safetensors.torch import load_file
 
 from mergekit_ctm.adapters import AdapterError, load_factors, load_full_tensor, read_adapter
 from mergekit_ctm.adapters.loading import check_values
-
-Q0 = "model.layers.0.self_attn.q_proj"
-KEY_A = f"base_model.model.{Q0}.lora_A.weight"
-KEY_B = f"base_model.model.{Q0}.lora_B.weight"
-
-
-@pytest.fixture
-def copy(adapters, tmp_path):
-    def make(name: str) -> Path:
-        dst = tmp_path / name
-        shutil.copytree(adapters[name], dst)
-        return dst
-
-    return make
-
-
-def _edit_tensors(path: Path, fn) -> None:
-    f = path / "adapter_model.safetensors"
-    sd = load_file(f)
-    fn(sd)
-    save_file(sd, f, metadata={"format": "pt"})
-
-
-def _edit_config(path: Path, **changes) -> None:
-    f = path / "adapter_config.json"
-    cfg = json.loads(f.read_text())
-    cfg.update(changes)
-    f.write_text(json.dumps(cfg))  # NaN / Infinity are written as JSON extensions
 
 
 def _read_error(path: Path) -> str:
@@ -56,7 +27,7 @@ def _read_error(path: Path) -> str:
 )
 def test_non_float_factors_are_refused(copy, key, dtype, name):
     p = copy("linear")
-    _edit_tensors(p, lambda sd: sd.__setitem__(key, sd[key].to(dtype)))
+    edit_tensors(p, lambda sd: sd.__setitem__(key, sd[key].to(dtype)))
     msg = _read_error(p)
     assert f"module {Q0!r}: tensor {key!r} has dtype {name}" in msg, msg
     assert "F16, BF16, F32, F64" in msg, msg
@@ -85,7 +56,7 @@ CONFIGS = [
 def test_rank_and_alpha_must_be_positive(copy, case):
     change, expected = CONFIGS[case]
     p = copy("patterns")
-    _edit_config(p, **change)
+    edit_config(p, **change)
     msg = _read_error(p)
     assert expected in msg, msg
     assert "adapter_config.json to the value the adapter was trained with" in msg, msg
@@ -101,7 +72,7 @@ def _one_nan(path: Path, key: str, value: float = float("nan"), count: int = 1) 
         flat = sd[key].view(-1)
         flat[:count] = value
 
-    _edit_tensors(path, fn)
+    edit_tensors(path, fn)
     return load_file(path / "adapter_model.safetensors")[key].numel()
 
 
@@ -150,7 +121,7 @@ def test_float64_factor_that_overflows_float32(copy):
         sd[KEY_A] = sd[KEY_A].double()
         sd[KEY_A][0, 0] = 1e300
 
-    _edit_tensors(p, fn)
+    edit_tensors(p, fn)
     info = read_adapter(p)
     a, _, _ = load_factors(info, Q0, dtype=torch.float64)
     assert a[0, 0] == 1e300

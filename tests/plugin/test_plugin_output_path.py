@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -14,21 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, tool, write_recipe
 from mergekit.options import MergeOptions
+from reliability import tree
 
 from mergekit_ctm.plan import output
 from mergekit_ctm.plan.run import run_adapter_merge
 
 OURS = ["README.md", "adapter_config.json", "adapter_model.safetensors", "mergekit_config.yml"]
-
-
-def tree(root: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under root (the state to preserve)."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture()
