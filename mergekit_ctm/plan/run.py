@@ -205,7 +205,9 @@ def _write_metadata(plan: MergePlan, out: str, result: dict[str, Any]) -> None:
         f.write(card.config_text(plan, ids))
 
 
-def _copy_model_files(plan: MergePlan, out: str) -> None:
+def _copy_model_files(plan: MergePlan, out: str, copy_tokenizer: bool = True) -> None:
+    """config.json of the base (with the output dtype) and, unless --no-copy-tokenizer, its
+    tokenizer files."""
     import json
 
     with open(os.path.join(plan.base_model, "config.json"), encoding="utf-8") as f:
@@ -215,7 +217,7 @@ def _copy_model_files(plan: MergePlan, out: str) -> None:
         cfg["dtype"] = plan.recipe.out_dtype
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
-    for fname in TOKENIZER_FILES:
+    for fname in TOKENIZER_FILES if copy_tokenizer else ():
         src = os.path.join(plan.base_model, fname)
         if os.path.isfile(src):
             shutil.copy(src, os.path.join(out, fname))
@@ -229,6 +231,41 @@ def plan_inputs(plan: MergePlan, recipe_path: str | None = None) -> list[tuple[s
     if recipe_path:
         inputs.append(("recipe", recipe_path))
     return inputs
+
+
+# mergekit options that change nothing in an adapter merge, and why (warned about, by name).
+_NO_EFFECT = {
+    "allow_crimes": "adapters of one base have one architecture",
+    "unsafe_truncate_embeddings": "no embeddings are resized",
+    "lora_merge_cache": "adapters are never merged into a full copy of the base",
+    "lora_merge_dtype": "adapters are never merged into a full copy of the base",
+    "trust_remote_code": "no model code is loaded",
+    "lazy_unpickle": "adapter .bin files are always read lazily",
+    "read_to_gpu": "factors are small; they move to the math device per module",
+    "multi_gpu": "one module at a time runs on one device",
+    "async_write": "the output is written in bounded shards as it is merged",
+    "write_threads": "the output is written in bounded shards as it is merged",
+}
+_MODEL_ONLY = ("safe_serialization", "copy_tokenizer")
+
+
+def warn_unused_options(options: MergeOptions, output_kind: str) -> list[str]:
+    """One warning per mergekit option that was set but cannot apply here; returns them."""
+    defaults = {k: f.default for k, f in MergeOptions.model_fields.items()}
+    warned = []
+    for name, why in _NO_EFFECT.items():
+        if getattr(options, name, defaults.get(name)) != defaults.get(name):
+            warned.append(f"--{name.replace('_', '-')} has no effect on an adapter merge: {why}")
+    if output_kind == "adapter":
+        for name in _MODEL_ONLY:
+            if getattr(options, name) != defaults[name]:
+                warned.append(
+                    f"--{name.replace('_', '-')} applies to output: model only; this merge "
+                    "writes an adapter"
+                )
+    for line in warned:
+        LOG.warning(line)
+    return warned
 
 
 def _check_device(options: MergeOptions) -> None:
@@ -253,6 +290,7 @@ def execute_plan(
     atomically)."""
     check_output_path(out_path, plan_inputs(plan, recipe_path))
     _check_device(options)
+    warn_unused_options(options, plan.output)
     stage = output.stage(out_path)
     try:
         tmp = stage.path
@@ -270,7 +308,7 @@ def execute_plan(
             if isinstance(task, FinalizeAdapter):
                 result = value
         if plan.output == "model":
-            _copy_model_files(plan, tmp)
+            _copy_model_files(plan, tmp, options.copy_tokenizer)
         if options.write_model_card:
             _write_metadata(plan, tmp, result)
         result["files"] = stage.commit()

@@ -233,3 +233,27 @@ def test_commit_into_existing_directory_waits_for_the_directory_lock(tmp_path):
     worker.join(10)
     assert done.is_set()
     assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.json"]
+
+
+def test_options_that_cannot_apply_are_named_and_no_copy_tokenizer_is_honoured(
+    workdir, tmp_path, caplog
+):
+    from mergekit_ctm.plan.run import warn_unused_options
+
+    warned = warn_unused_options(
+        MergeOptions(lazy_unpickle=True, multi_gpu=True, copy_tokenizer=False), "adapter"
+    )
+    assert len(warned) == 3
+    assert any("--lazy-unpickle" in w for w in warned)
+    assert any("--multi-gpu" in w for w in warned)
+    assert any("--copy-tokenizer applies to output: model only" in w for w in warned)
+    assert warn_unused_options(MergeOptions(), "adapter") == []
+
+    (workdir / "base" / "tokenizer_config.json").write_text("{}")
+    text = (workdir / "recipe.yml").read_text() + "output: model\n"
+    for copy, out in ((True, tmp_path / "with"), (False, tmp_path / "without")):
+        run_adapter_merge(
+            text, str(out), MergeOptions(quiet=True, copy_tokenizer=copy), config_source=text
+        )
+        assert (out / "tokenizer_config.json").exists() == copy
+        assert (out / "config.json").exists()
