@@ -268,6 +268,19 @@ def warn_unused_options(options: MergeOptions, output_kind: str) -> list[str]:
     return warned
 
 
+def _log_plan(plan: MergePlan) -> None:
+    """-v: the plan; -vv: every module's ranks per adapter and output rank."""
+    LOG.info(
+        "mergekit-ctm: %s%s over %d adapters, %d modules, %d dense tensors, output %s",
+        plan.method, f" ({plan.base_rule})" if plan.base_rule else "", len(plan.adapters),
+        len(plan.modules), len(plan.dense), plan.output,
+    )  # fmt: skip
+    for m in plan.modules:
+        ranks = ", ".join(f"[{i}] {r}" for i, r in zip(m.adapters, m.ranks))
+        rank = m.param("rank")
+        LOG.debug("%s: ranks %s -> %s", m.name, ranks, rank if rank is not None else sum(m.ranks))
+
+
 def _check_device(options: MergeOptions) -> None:
     """--cuda (or --device cuda) on a machine without CUDA: one line, before any work."""
     import torch
@@ -291,6 +304,7 @@ def execute_plan(
     check_output_path(out_path, plan_inputs(plan, recipe_path))
     _check_device(options)
     warn_unused_options(options, plan.output)
+    _log_plan(plan)
     stage = output.stage(out_path)
     try:
         tmp = stage.path

@@ -13,6 +13,7 @@ factors are freed once saved: memory does not grow with the number of layers.
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 from typing import Any
@@ -24,6 +25,8 @@ from mergekit.io.tasks import LoadTensor, TensorWriterTask
 from mergekit_ctm.adapters import AdapterInfo, load_factors, load_full_tensor, read_adapter
 from mergekit_ctm.adapters.peft_lora import swap_layout
 from mergekit_ctm.adapters.writer import consolidate_shards
+
+LOG = logging.getLogger(__name__)
 
 
 def _stamp(path: str) -> tuple:
@@ -55,6 +58,25 @@ def math_dtype(name: str | None) -> torch.dtype:
 def rule_kwargs(rule_params: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
     """Base-rule parameters as the engine takes them: per-adapter values as lists."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in rule_params}
+
+
+def log_solve(module: str, info: dict[str, Any], params: dict[str, Any]) -> None:
+    """-vv: the module's HOOI sweeps and residual; always: a warning when HOOI stopped at
+    hooi_iters before its change fell below hooi_tol (the subspace is then not converged)."""
+    if "hooi_sweeps" not in info:
+        return
+    errors = info.get("hooi_errors") or [float("nan")]
+    LOG.debug(
+        "%s: %d HOOI sweeps, relative residual %.3e, converged %s",
+        module, info["hooi_sweeps"], errors[-1], info["hooi_converged"],
+    )  # fmt: skip
+    if not info["hooi_converged"]:
+        change = abs(errors[-1] - errors[-2]) / max(errors[-1], 1e-300) if len(errors) > 1 else 0
+        LOG.warning(
+            "%s: HOOI stopped at hooi_iters=%s sweeps without reaching hooi_tol=%s (last "
+            "relative change %.2e); raise hooi_iters for the converged subspace",
+            module, params.get("hooi_iters"), params.get("hooi_tol"), change,
+        )  # fmt: skip
 
 
 class LoadFactors(Task[tuple]):
@@ -114,6 +136,7 @@ class MergeModule(Task[tuple]):
             dtype=math_dtype(self.dtype),
             **dict(self.params),
         )
+        log_solve(self.module, out.info, dict(self.params))
         return (out.A, out.B, int(out.requested_rank))
 
 

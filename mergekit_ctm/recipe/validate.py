@@ -9,6 +9,7 @@ mergekit's ``MergePlanner``).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -562,6 +563,29 @@ def _rule_values(
     return out
 
 
+@functools.cache
+def _rule_accepts(rule: str, count: int, values: tuple) -> str | None:
+    """None if ``rule`` merges ``count`` inputs with these values, else why not: the rule run
+    once on tiny zero matrices (input-count contracts such as model_stock's or nuslerp's live
+    in the rule itself)."""
+    import torch
+
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in values}
+    try:
+        rules_mod.merge_matrices([torch.zeros(2, 2)] * count, rule, params, seed=0)
+    except RuleError as exc:
+        return str(exc)
+    return None
+
+
+def _check_rule_inputs(rule: str, count: int, values: tuple, module: str) -> None:
+    if (why := _rule_accepts(rule, count, values)) is not None:
+        raise RecipeError(
+            f"base_rule {rule} cannot merge the {count} adapter(s) of module {module}: {why}. "
+            "Pick another base_rule for this many adapters"
+        )
+
+
 def _check_rule(
     rule: str,
     values: dict[str, Any],
@@ -582,6 +606,7 @@ def _check_rule(
     as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     try:
         bind(rule, as_lists, len(idx))
+        _check_rule_inputs(rule, len(idx), _freeze(tuple(sorted(values.items()))), module)
         return
     except RuleError as exc:
         whole = exc

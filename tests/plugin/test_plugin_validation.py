@@ -190,3 +190,41 @@ def test_full_model_recipe_still_goes_to_mergekit(example, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     assert not (out / "adapter_config.json").exists()
     assert Path(out / "mergekit_config.yml").read_text() == text
+
+
+@pytest.mark.parametrize("rule,count", [("nuslerp", 3), ("model_stock", 1)])
+def test_rule_that_cannot_take_the_adapter_count_is_refused_by_validate(example, rule, count):
+    """model_stock and nuslerp carry input-count contracts; validate runs the rule once on
+    tiny zeros per adapter count, so the merge never starts."""
+    recipe = {
+        "merge_method": "ctm",
+        "base_model": example["base"],
+        "models": [{"model": p} for p in example["adapters"][:count]],
+        "parameters": {"base_rule": rule, "rank": 4},
+    }
+    msg = _err(recipe)
+    assert f"base_rule {rule} cannot merge the" in msg and "adapter(s) of module" in msg, msg
+
+
+def test_hooi_stopping_early_is_a_warning_naming_the_module(example, tmp_path, caplog):
+    from mergekit.options import MergeOptions
+
+    from mergekit_ctm.plan.run import run_adapter_merge
+
+    recipe = write_recipe(
+        tmp_path / "r.yml", example, "ctm", parameters={"rank": 4, "hooi_iters": 1}
+    )
+    with caplog.at_level("DEBUG", logger="mergekit_ctm"):
+        run_adapter_merge(recipe.read_text(), str(tmp_path / "out"), MergeOptions(quiet=True))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("HOOI stopped at hooi_iters=1" in m and "self_attn" in m for m in warned), warned
+    assert any("HOOI sweeps, relative residual" in r.getMessage() for r in caplog.records)
+    assert any("ranks [0] 4" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergekit_ctm"):
+        run_adapter_merge(
+            recipe.read_text().replace("hooi_iters: 1", "hooi_iters: 500"),
+            str(tmp_path / "out2"),
+            MergeOptions(quiet=True),
+        )
+    assert not [r for r in caplog.records if "HOOI stopped" in r.getMessage()]
