@@ -25,10 +25,14 @@ Pₜ = Xₜ, Qₜ = I.
   eigenvectors of the N × N matrix G_U itself, the exact update. A single Ritz step per
   half-sweep also converges, but on flat spectra it can settle at a different stationary point
   (one direction apart, objective within 1e-4), and so does a loose residual (1e-3).
-* Extrapolation (default): HOOI converges linearly, so each sweep after the second starts from
-  V extrapolated along the last sweep's step (``_extrapolate``); when that start loses
-  objective after the U-update, the U-update is redone from the plain V. f stays monotone and
-  the fixed points are HOOI's; 11 → 7 sweeps on the Llama benchmark, 182 → 40 on flat spectra.
+* Extrapolation (default): HOOI converges linearly, so each sweep after the first starts from
+  an Anderson extrapolation of the last sweeps' inputs and outputs (``_Anderson``, depth
+  ANDERSON_DEPTH); when that start loses objective after the U-update, the U-update is redone
+  from the plain V and the history restarts. f stays monotone and the fixed points are
+  HOOI's. Sweeps for 16 modules of each bench/engine.py workload, plain HOOI / the one-step
+  extrapolation this replaced / Anderson: issue #9's factors 335 / 188 / 155, structured
+  181 / 125 / 116, the quality suite's LoRAs 326 / 204 / 168, flat Gaussian spectra
+  3230 / 641 / 431; at the same tolerance each ends closer to the optimum.
 * Stopping: like tensorly, on the change of the relative error e = ‖X − X̂‖/‖X‖ between
   sweeps, |e_{k−1} − e_k| < tol, or after ``iters`` sweeps (one sweep = one U and one V update).
 * The returned U, V are rotated inside their spans to the eigenvectors of G_U(V), G_V(U), so
@@ -47,8 +51,7 @@ from mergekit_ctm.engine.linalg import F64, tiny_cpu_ops, top_eigh
 
 INNER_STEPS = 100  # cap on Rayleigh–Ritz steps per half-sweep (reached only with tiny gaps)
 OP_FLOPS = 40_000  # per-call overhead of a small torch op in flops (≈ 4 µs on one core)
-EXTRAP_RHO_MAX = 0.95  # cap on the estimated contraction rate of a HOOI sweep
-EXTRAP_MAX = 10.0  # cap on the extrapolation factor ρ/(1−ρ)
+ANDERSON_DEPTH = 5  # past sweeps combined by the extrapolation (3: 2–20 % more sweeps)
 
 
 def inner_rtol(tol: float) -> float:
@@ -240,7 +243,7 @@ def _tucker2_batch(
     sweeps = [0] * b
     V_in = V.clone()  # the V the next U-update starts from: V, or V extrapolated
     extrapolated = torch.zeros(b, dtype=torch.bool, device=V.device)
-    step_prev = torch.zeros(b, dtype=F64, device=V.device)
+    acc = _Anderson(b, N2, r, ANDERSON_DEPTH, V) if extrapolate else None
     for _ in range(iters):
         if not bool(active.any()):
             break
@@ -265,34 +268,56 @@ def _tucker2_batch(
             if abs(prev - errors[i][-1]) < tol or errors[i][-1] <= 1e-14:
                 active[i] = False
         V_next, ext = V_new, torch.zeros_like(f, dtype=torch.bool)
-        if extrapolate:
-            V_next, ext, step = _extrapolate(Vi, V_new, _take(step_prev, idx))
-            step_prev = _put(step_prev, idx, step)
+        if acc is not None:
+            V_next, ext = acc.step(idx, Vi, V_new, bad)  # a failed extrapolation restarts
         V_in, extrapolated = _put(V_in, idx, V_next), _put(extrapolated, idx, ext)
     U = _rotate_to_eigvecs(Pp, Qp, U, V)
     V = _rotate_to_eigvecs(Qp, Pp, V, U)
     return [Tucker2Result(U[i], V[i], errors[i], sweeps[i], not bool(active[i])) for i in range(b)]
 
 
-def _extrapolate(
-    V_in: torch.Tensor, V_out: torch.Tensor, step_prev: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Extrapolate one sweep V_in ↦ V_out of HOOI along its step (Aitken-like acceleration).
+class _Anderson:
+    """Anderson extrapolation (type II, Walker & Ni 2011) of the sweep map F: V_in ↦ V_out.
 
-    HOOI converges linearly, ‖Dₖ₊₁‖ ≈ ρ‖Dₖ‖ for the step Dₖ = (I − V_inV_inᵀ)V_out, so its
-    limit lies near V_out + ρ/(1−ρ)·Dₖ. We start the next sweep there (ρ from the last two
-    steps, factor ≤ EXTRAP_MAX); the caller keeps V_out and falls back to it when the
-    extrapolated start loses objective, so f never decreases. Returns (V_next, used, ‖Dₖ‖).
+    HOOI converges linearly to its fixed point, so F is nearly affine there and a combination
+    of the last sweeps extrapolates to the limit (on a single mode, as Aitken's Δ² does; on
+    several modes, which a one-step extrapolation cannot). A subspace span(X) becomes the
+    matrix φ(X) = X XᵀR, the projection of a centre R (the first output since the last
+    restart) onto it: every basis of the span maps to the same point, and φ is one-to-one near
+    span(R). With xᵢ, gᵢ the images of the inputs and outputs of the last ``depth`` + 1 sweeps
+    and fᵢ = gᵢ − xᵢ, θ = argmin ‖f_k − Σⱼ θⱼ(f_{j+1} − f_j)‖ and the next sweep starts from
+    span(g_k − Σⱼ θⱼ(g_{j+1} − g_j)). The caller falls back to V_out when that start loses
+    objective (``restart``), so f never decreases.
     """
-    D = V_out - V_in @ (V_in.mT @ V_out)
-    step = torch.linalg.matrix_norm(D)
-    use = step_prev > 0
-    if not bool(use.any()):
-        return V_out, use, step
-    rho = (step / step_prev.clamp_min(torch.finfo(F64).tiny)).clamp(max=EXTRAP_RHO_MAX)
-    a = torch.where(use, (rho / (1 - rho)).clamp(max=EXTRAP_MAX), 0.0)
-    V_next = torch.linalg.qr(V_out + a.view(-1, 1, 1) * D).Q
-    return torch.where(use.view(-1, 1, 1), V_next, V_out), use, step
+
+    def __init__(self, b: int, N: int, r: int, depth: int, like: torch.Tensor):
+        self.R = like.new_zeros(b, N, r)  # centre of φ
+        self.h = like.new_zeros(b, depth + 1, 2, N * r)  # (xᵢ, gᵢ), oldest first
+        self.count = torch.zeros(b, dtype=torch.long, device=like.device)  # entries set
+
+    def step(self, idx, V_in, V_out, restart):
+        """Record the sweep V_in ↦ V_out of items ``idx``; returns (V_next, extrapolated)."""
+        count = torch.where(restart, 0, _take(self.count, idx)) + 1
+        fresh = (count == 1).view(-1, 1, 1)
+        R = torch.where(fresh, V_out, _take(self.R, idx))
+        X = torch.stack([V_in, V_out], 1)  # (b, 2, N, r)
+        new = (X @ (X.mT @ R.unsqueeze(1))).flatten(2).unsqueeze(1)  # (b, 1, 2, N·r)
+        h = torch.cat([_take(self.h, idx)[:, 1:], new], 1)
+        h = torch.where(fresh.unsqueeze(-1), new, h)  # a restart forgets older sweeps
+        self.R, self.h = _put(self.R, idx, R), _put(self.h, idx, h)
+        self.count = _put(self.count, idx, count)
+        use = count >= 2
+        if not bool(use.any()):
+            return V_out, use
+        x, g = h.unbind(2)  # (b, H, N·r)
+        res = g - x
+        dF, dG = res.diff(dim=1), g.diff(dim=1)  # zero across a restart's copies
+        A = dF @ dF.mT  # (b, H−1, H−1), Tikhonov-regularised: differences may be dependent
+        ridge = 1e-10 * A.diagonal(dim1=-2, dim2=-1).sum(-1) + torch.finfo(F64).tiny
+        A = A + ridge.view(-1, 1, 1) * torch.eye(A.shape[-1], dtype=F64, device=A.device)
+        theta = torch.linalg.solve(A, dF @ res[:, -1:].mT)  # (b, H−1, 1)
+        V_next = torch.linalg.qr((g[:, -1:] - theta.mT @ dG).view(V_out.shape)).Q
+        return torch.where(use.view(-1, 1, 1), V_next, V_out), use
 
 
 def tucker2(
