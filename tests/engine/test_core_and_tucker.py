@@ -355,3 +355,24 @@ def test_a_bad_extrapolation_costs_sweeps_not_objective(monkeypatch):
         sq = [e * e for e in sol.errors]
         assert all(b <= a + 1e-14 for a, b in zip(sq, sq[1:]))
         assert sol.converged and abs(sol.errors[-1] - ref.errors[-1]) < 1e-10
+
+
+def test_small_ctm_merges_do_not_depend_on_threads():
+    """Modules with Σrₜ ≤ TINY merge on one thread end to end: merge_lora with 2 threads,
+    with 1, and merge_lora_many give the same bytes."""
+    from mergekit_ctm.engine import merge_lora, merge_lora_many
+
+    mods = [lora_factors(5, n=300, m=200, ranks=[4, 6, 4, 8, 3], seed=k) for k in range(3)]
+    kw = dict(method="ctm", rank=6, base_rule="ties", rule_params={"density": 0.5})
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = [merge_lora(*f, dtype=torch.float32, **kw) for f in mods]
+        many = merge_lora_many([(a, b, s) for a, b, s in mods], workers=2, **kw)
+        torch.set_num_threads(1)
+        one = [merge_lora(*f, dtype=torch.float32, **kw) for f in mods]
+    finally:
+        torch.set_num_threads(saved)
+    for x, y, z in zip(two, one, many):
+        assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+        assert torch.equal(x.A, z.A) and torch.equal(x.B, z.B)
