@@ -22,7 +22,8 @@ Pₜ = Xₜ, Qₜ = I.
   small eigengap, the steps converge slowly (13–20 in the first half-sweep of issue #9's
   factors, where λ₁₇/λ₁₆ = 0.87 at the HOSVD start): after as many steps as one dense solve
   costs (``dense_after``: 2 at N = 96, r = 16; 0 at N ≤ 48) the update takes the top-r
-  eigenvectors of the N × N matrix G_U itself, the exact update. A single Ritz step per
+  eigenvectors of the N × N matrix G_U itself, the exact update; so does the first sweep from
+  the HOSVD start where that costs at most FIRST_DENSE steps. A single Ritz step per
   half-sweep also converges, but on flat spectra it can settle at a different stationary point
   (one direction apart, objective within 1e-4), and so does a loose residual (1e-3).
 * Extrapolation (default): HOOI converges linearly, so each sweep after the first starts from
@@ -51,6 +52,7 @@ from mergekit_ctm.engine.linalg import F64, tiny_cpu_ops, top_eigh
 
 INNER_STEPS = 100  # cap on Rayleigh–Ritz steps per half-sweep (reached only with tiny gaps)
 OP_FLOPS = 40_000  # per-call overhead of a small torch op in flops (≈ 4 µs on one core)
+FIRST_DENSE = 4  # the first sweep is dense when that costs at most this many Ritz steps
 ANDERSON_DEPTH = 5  # past sweeps combined by the extrapolation (3: 2–20 % more sweeps)
 
 
@@ -219,7 +221,10 @@ def _tucker2_batch(
     # layouts for _update: Pₜᵀ stacked (b, T, k, N), and [P₁ … P_T] (b, N, T·k)
     Pt, Qt = Pp.mT.contiguous(), Qp.mT.contiguous()
     Pc, Qc = Pp.transpose(1, 2).reshape(b, N1, T * k), Qp.transpose(1, 2).reshape(b, N2, T * k)
-    budget_U, budget_V = dense_after(N1, T * k, r), dense_after(N2, T * k, r)
+    # the first sweep starts far from its fixed point (HOSVD): dense where that is cheap
+    budget_U, budget_V = (
+        n if n > FIRST_DENSE else 0 for n in (dense_after(N1, T * k, r), dense_after(N2, T * k, r))
+    )
     PtP = Pp.mT @ Pp  # (b, T, k, k)
     QtQ = Qp.mT @ Qp
     total = (PtP * QtQ).sum((1, 2, 3))  # Σₜ ‖Xₜ‖²_F = Σₜ tr(PₜᵀPₜ QₜᵀQₜ)
@@ -244,9 +249,11 @@ def _tucker2_batch(
     V_in = V.clone()  # the V the next U-update starts from: V, or V extrapolated
     extrapolated = torch.zeros(b, dtype=torch.bool, device=V.device)
     acc = _Anderson(b, N2, r, ANDERSON_DEPTH, V) if extrapolate else None
-    for _ in range(iters):
+    for sweep in range(iters):
         if not bool(active.any()):
             break
+        if sweep == 1:
+            budget_U, budget_V = dense_after(N1, T * k, r), dense_after(N2, T * k, r)
         idx = None if bool(active.all()) else active.nonzero().flatten()
         Pta, Qca, Ua, Vi = _take(Pt, idx), _take(Qc, idx), _take(U, idx), _take(V_in, idx)
         U_new, f_u = _update(Pta, Qca, Ua, Vi, r, rtol=rtol, budget=budget_U)
