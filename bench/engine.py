@@ -2,6 +2,8 @@
 
     python bench/engine.py                      # 128 modules, T = 6, r = 16, + T sweep
     python bench/engine.py --layers 4 --no-sweep
+    python bench/engine.py --workload shared --layers 32 --no-sweep --threads 1
+    python bench/engine.py --workload suite --no-sweep   # the quality suite's trained LoRAs
     python bench/engine.py --device cuda        # ours on the GPU, tensorly on CPU as always
 
 What is timed (float32 factors, 2 CPU threads unless --threads):
@@ -13,9 +15,20 @@ What is timed (float32 factors, 2 CPU threads unless --threads):
               (HOSVD init + HOOI, same tolerance semantics and value as ours), then the same
               projection, TIES merge and lift. Only the subspace solver differs.
 Accuracy: the merged column spaces of both vs a tightly converged tensorly solve (tol 1e-14).
-Factor generation is not timed. Factors: Aₜ Gaussian / √m (LoRA's init), Bₜ with a power-law
-spectrum, a component shared by all tasks and task norms spread over 10× (``--gaussian`` uses
-plain Gaussian factors, the hardest case for HOOI: a flat spectrum converges slowest).
+Factor generation is not timed. Workloads (``--workload``), Aₜ Gaussian / √m (LoRA's init) in
+the three synthetic ones:
+* structured: Bₜ = (½·S + Gₜ)/√n · diag(1/(1+i)) · normₜ, a component S shared by all tasks,
+              a power-law column spectrum, task norms spread over 10×.
+* shared    : Bₜ = (S + Gₜ)/√n · diag((1+i)^-½), equal task norms: the shared component and a
+              mildly decaying spectrum of issue #9 (≈ 10–12 sweeps; the early HOOI updates
+              have a small eigengap, which the structured factors lack).
+* gaussian  : Bₜ Gaussian, task norms 0.5…5.5 (``--gaussian``): a flat spectrum, where HOOI
+              converges slowest.
+* suite     : the quality suite's trained PEFT LoRAs (bench/quality/suite.py, seed 0: 8 tasks,
+              rank 8, q/k/v/o of a 2-layer 128-wide Llama = 8 modules), read from
+              bench/quality/.cache; build them first (``python -m bench.quality.run --seeds 0``
+              or ``bench.quality.suite.build``, ≈ 4 min on 2 cores). ``--layers`` repeats the 8
+              modules to reach 4·layers modules (default 32 layers: 128 modules).
 """
 
 from __future__ import annotations
@@ -39,13 +52,20 @@ SHAPES = {
 }
 
 
-def make_factors(n: int, m: int, T: int, r: int, seed: int, gaussian: bool):
+WORKLOADS = ("structured", "shared", "gaussian", "suite")
+
+
+def make_factors(n: int, m: int, T: int, r: int, seed: int, workload: str):
     g = torch.Generator().manual_seed(seed)
     As = [torch.randn(r, m, generator=g) / math.sqrt(m) for _ in range(T)]
-    if gaussian:
+    if workload == "gaussian":
         Bs = [torch.randn(n, r, generator=g) * (0.5 + t) / math.sqrt(n) for t in range(T)]
         return As, Bs, [1.0] * T
     shared = torch.randn(n, r, generator=g) / math.sqrt(n)
+    if workload == "shared":
+        decay = (1.0 + torch.arange(r, dtype=torch.float32)) ** -0.5
+        Bs = [(shared + torch.randn(n, r, generator=g) / math.sqrt(n)) * decay for _ in range(T)]
+        return As, Bs, [2.0] * T
     decay = 1.0 / (1.0 + torch.arange(r, dtype=torch.float32))
     norms = torch.logspace(-0.5, 0.5, T).tolist()
     Bs = [
@@ -53,6 +73,56 @@ def make_factors(n: int, m: int, T: int, r: int, seed: int, gaussian: bool):
         for t in range(T)
     ]
     return As, Bs, [2.0] * T
+
+
+def suite_factors(T: int | None = None, seed: int = 0) -> list[tuple[list, list, list]]:
+    """Per module (As, Bs, scalings) of the quality suite's cached LoRAs (first T tasks)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+    from bench.quality.suite import SuiteConfig
+
+    cfg = SuiteConfig()
+    root = cfg.root() / f"seed{seed}" / "adapters"
+    names = cfg.task_names()[:T]
+    if not all((root / t / "adapter_model.safetensors").exists() for t in names):
+        raise SystemExit(
+            f"no trained suite adapters under {root}; build them first: python -c "
+            "'from bench.quality.suite import SuiteConfig, build; import dataclasses; "
+            "build(dataclasses.replace(SuiteConfig(), seeds=(0,)))'"
+        )
+    tensors, scale = [], []
+    for t in names:
+        conf = json.loads((root / t / "adapter_config.json").read_text())
+        assert not conf.get("rank_pattern") and not conf.get("alpha_pattern")
+        r = conf["r"]
+        scale.append(conf["lora_alpha"] / (math.sqrt(r) if conf.get("use_rslora") else r))
+        tensors.append(load_file(str(root / t / "adapter_model.safetensors")))
+    keys = sorted(k[: -len(".lora_A.weight")] for k in tensors[0] if k.endswith(".lora_A.weight"))
+    return [
+        (
+            [d[k + ".lora_A.weight"].float() for d in tensors],
+            [d[k + ".lora_B.weight"].float() for d in tensors],
+            list(scale),
+        )
+        for k in keys
+    ]
+
+
+def model_factors(layers: int, T: int, r: int, workload: str) -> list:
+    """The benchmark's modules: 4 Llama-3-8B-shaped projections per layer, or the suite's."""
+    if workload == "suite":
+        mods = suite_factors(T)
+        return [mods[i % len(mods)] for i in range(4 * layers)]
+    return [
+        make_factors(*SHAPES[name], T, r, seed=li * 10 + k, workload=workload)
+        for li in range(layers)
+        for k, name in enumerate(SHAPES)
+    ]
 
 
 def chordal(B1: torch.Tensor, B2: torch.Tensor) -> float:
@@ -99,7 +169,7 @@ def run_model(
     layers: int,
     T: int,
     r: int,
-    gaussian: bool,
+    workload: str,
     tol: float,
     iters: int,
     device: str = "cpu",
@@ -114,15 +184,12 @@ def run_model(
         hooi_iters=iters,
     )
     rule = {"density": 0.5}
-    warm = make_factors(64, 48, T, r, seed=99, gaussian=gaussian)  # imports, LAPACK init
+    synth = "structured" if workload == "suite" else workload
+    warm = make_factors(64, 48, T or 8, r, seed=99, workload=synth)  # imports, LAPACK init
     merge_lora(*_to(warm, device), method="ctm", **params)
     merge_lora_many([_to(warm, device)] * 2, method="ctm", **params)
     tensorly_ctm(*warm, r, 0.5, rule, tol, iters)
-    factors = [
-        make_factors(*SHAPES[name], T, r, seed=li * 10 + k, gaussian=gaussian)
-        for li in range(layers)
-        for k, name in enumerate(SHAPES)
-    ]
+    factors = model_factors(layers, T, r, workload)
     dev = [_to(f, device) for f in factors]
     _sync(device)
     t0 = time.perf_counter()
@@ -154,14 +221,14 @@ def run_model(
 
 
 def sweep_T(
-    Ts: list[int], r: int, n: int, gaussian: bool, tol: float, iters: int, device: str = "cpu"
+    Ts: list[int], r: int, n: int, workload: str, tol: float, iters: int, device: str = "cpu"
 ):
     """Total ctm time per T, and the time of one HOOI sweep alone (solve minus HOSVD)."""
     from mergekit_ctm.engine import build_core_space, tucker2
 
     rows = []
     for T in Ts:
-        f = _to(make_factors(n, n, T, r, seed=T, gaussian=gaussian), device)
+        f = _to(make_factors(n, n, T, r, seed=T, workload=workload), device)
         merge_lora(*f, method="ctm", rank=r, hooi_tol=tol, hooi_iters=iters)  # warm-up
         times, out = [], None
         for _ in range(3 if T <= 64 else 1):
@@ -201,7 +268,8 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-10)
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gaussian", action="store_true")
+    ap.add_argument("--workload", choices=WORKLOADS, default="structured")
+    ap.add_argument("--gaussian", action="store_true", help="same as --workload gaussian")
     ap.add_argument("--device", default="cpu", help="device of our engine (tensorly: CPU)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-reference", action="store_true", help="skip the converged reference")
@@ -209,12 +277,13 @@ def main() -> None:
     ap.add_argument("--sweep-max", type=int, default=256)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    kind = "gaussian" if a.gaussian else "structured"
+    kind = "gaussian" if a.gaussian else a.workload
+    T = None if kind == "suite" and a.T == 6 else a.T  # suite: every task unless --T says
     print(
-        f"# ctm, {a.layers} layers x 4 modules, T={a.T}, r={a.rank}, float32, {kind} factors, "
-        f"tol={a.tol}, {a.threads} threads, ours on {a.device}"
+        f"# ctm, {a.layers} layers x 4 modules, T={T or 'all'}, r={a.rank}, float32, {kind} "
+        f"factors, tol={a.tol}, {a.threads} threads, ours on {a.device}"
     )
-    res = run_model(a.layers, a.T, a.rank, a.gaussian, a.tol, a.iters, a.device, not a.no_reference)
+    res = run_model(a.layers, T, a.rank, kind, a.tol, a.iters, a.device, not a.no_reference)
     sw, n = res["sweeps"], res["modules"]
     print(f"ours, merge_lora per module : {res['ours']:8.3f} s for {n} modules")
     print(f"ours, merge_lora_many (all) : {res['ours_many']:8.3f} s")
@@ -238,7 +307,8 @@ def main() -> None:
     if not a.no_sweep:
         Ts = [T for T in (2, 4, 8, 16, 32, 64, 128, 256) if T <= a.sweep_max]
         print(f"# one {a.sweep_n}x{a.sweep_n} module, r={a.rank}, T sweep")
-        _, slope, slope_sweep = sweep_T(Ts, a.rank, a.sweep_n, a.gaussian, a.tol, a.iters, a.device)
+        synth = "structured" if kind == "suite" else kind
+        _, slope, slope_sweep = sweep_T(Ts, a.rank, a.sweep_n, synth, a.tol, a.iters, a.device)
         print(f"growth exponent of total time in T (upper half): {slope:.2f}")
         print(f"growth exponent of one HOOI sweep in T (upper half): {slope_sweep:.2f}")
 

@@ -25,6 +25,7 @@ def tiny_cpu_ops(device: torch.device, size: int = 0) -> Iterator[None]:
     start-up and, on a busy machine, stall (measured in docs/benchmarks.md, "Engine speed").
     Large GEMMs outside the block keep every thread,
     and so does a block whose matrices have order ``size`` > TINY (Σrₜ at large T).
+    ``pipelines.ctm_many`` runs a whole merge in one block when Σrₜ ≤ TINY.
     """
     if device.type != "cpu" or torch.get_num_threads() == 1 or size > TINY:
         yield

@@ -12,20 +12,28 @@ Pₜ = Xₜ, Qₜ = I.
   (``hosvd_diagonal``) in CtM's weighted core basis, where both Grams are already diagonal.
 * HOOI (De Lathauwer 2000b) with the task mode fixed: alternately maximise f over U (V fixed)
   and over V. The exact U-update is the top-r eigenspace of G_U = Σₜ Yₜ Yₜᵀ, Yₜ = Pₜ(QₜᵀV).
-  We never form G_U (N₁ × N₁): the eigenspace is found by Rayleigh–Ritz steps on
-  span[U, G_U U] warm-started at the previous U, each O(T·N·k·r) = O(T²r³) instead of the
-  O(T³r³) of an SVD of the unfolding; near convergence one or two steps suffice. Since the old
-  U lies in each search space, Ky Fan's maximum principle gives f(U_new, V) ≥ f(U_old, V): the
-  objective is monotone. Steps repeat until U spans an invariant subspace (relative residual
-  0.1·√tol, 1e-6 at the default tol: 1.1–1.6 steps per half-sweep on Llama-shaped modules),
-  so each half-sweep is an exact HOOI update (with ``extrapolate=False`` the iteration follows
-  the path of an SVD-based solver, tensorly's ``partial_tucker``). A single Ritz step per
+  Near convergence it is found by Rayleigh–Ritz steps on span[U, G_U U] warm-started at the
+  previous U, each O(T·N·k·r) = O(T²r³) instead of the O(T³r³) of an SVD of the unfolding;
+  one or two steps suffice there. Since the old U lies in each search space, Ky Fan's maximum
+  principle gives f(U_new, V) ≥ f(U_old, V): the objective is monotone. Steps repeat until U
+  spans an invariant subspace (relative residual 0.1·√tol, 1e-6 at the default tol), so each
+  half-sweep is an exact HOOI update (with ``extrapolate=False`` the iteration follows the
+  path of an SVD-based solver, tensorly's ``partial_tucker``). Far from convergence, or with a
+  small eigengap, the steps converge slowly (13–20 in the first half-sweep of issue #9's
+  factors, where λ₁₇/λ₁₆ = 0.87 at the HOSVD start): after as many steps as one dense solve
+  costs (``dense_after``: 2 at N = 96, r = 16; 0 at N ≤ 48) the update takes the top-r
+  eigenvectors of the N × N matrix G_U itself, the exact update; so does the first sweep from
+  the HOSVD start where that costs at most FIRST_DENSE steps. A single Ritz step per
   half-sweep also converges, but on flat spectra it can settle at a different stationary point
   (one direction apart, objective within 1e-4), and so does a loose residual (1e-3).
-* Extrapolation (default): HOOI converges linearly, so each sweep after the second starts from
-  V extrapolated along the last sweep's step (``_extrapolate``); when that start loses
-  objective after the U-update, the U-update is redone from the plain V. f stays monotone and
-  the fixed points are HOOI's; 11 → 7 sweeps on the Llama benchmark, 182 → 40 on flat spectra.
+* Extrapolation (default): HOOI converges linearly, so each sweep after the first starts from
+  an Anderson extrapolation of the last sweeps' inputs and outputs (``_Anderson``, depth
+  ANDERSON_DEPTH); when that start loses objective after the U-update, the U-update is redone
+  from the plain V and the history restarts. f stays monotone and the fixed points are
+  HOOI's. Sweeps for 16 modules of each bench/engine.py workload, plain HOOI / the one-step
+  extrapolation this replaced / Anderson: issue #9's factors 335 / 188 / 155, structured
+  181 / 125 / 116, the quality suite's LoRAs 326 / 204 / 168, flat Gaussian spectra
+  3230 / 641 / 431; at the same tolerance each ends closer to the optimum.
 * Stopping: like tensorly, on the change of the relative error e = ‖X − X̂‖/‖X‖ between
   sweeps, |e_{k−1} − e_k| < tol, or after ``iters`` sweeps (one sweep = one U and one V update).
 * The returned U, V are rotated inside their spans to the eigenvectors of G_U(V), G_V(U), so
@@ -43,8 +51,9 @@ import torch
 from mergekit_ctm.engine.linalg import F64, tiny_cpu_ops, top_eigh
 
 INNER_STEPS = 100  # cap on Rayleigh–Ritz steps per half-sweep (reached only with tiny gaps)
-EXTRAP_RHO_MAX = 0.95  # cap on the estimated contraction rate of a HOOI sweep
-EXTRAP_MAX = 10.0  # cap on the extrapolation factor ρ/(1−ρ)
+OP_FLOPS = 40_000  # per-call overhead of a small torch op in flops (≈ 4 µs on one core)
+FIRST_DENSE = 4  # the first sweep is dense when that costs at most this many Ritz steps
+ANDERSON_DEPTH = 5  # past sweeps combined by the extrapolation (3: 2–20 % more sweeps)
 
 
 def inner_rtol(tol: float) -> float:
@@ -70,49 +79,82 @@ class Tucker2Result:
         return [e * e for e in self.errors]
 
 
-def _ritz_step(
-    Pp: torch.Tensor,
-    Qp: torch.Tensor,
+def dense_after(N: int, Tk: int, r: int) -> int:
+    """Rayleigh–Ritz steps that cost about one dense solve of the same U-update (ski rental).
+
+    Dense: G = Y Yᵀ (N × N) and its full ``eigh``; a Ritz step: three GEMMs with Y (N × Tk),
+    an N × 2r QR and a 2r × 2r ``eigh``. Flop counts plus a per-call overhead (``OP_FLOPS``),
+    fitted on one CPU core (ratios 0.8–28 for N 32–512, r 8–32, within 2× of measured).
+    Warm-started updates near convergence take one or two steps, far cheaper than the dense
+    solve at N ≥ 96; early ones, or ones with a small eigengap, can take tens (13–20 in the
+    first sweep of the issue-#9 factors, up to 24 on the quality suite's 48-dim problems). After
+    this many steps the update switches to the dense solve, so it never costs more than about
+    twice the cheaper of the two.
+    """
+    dense = 2 * N * N * Tk + 6 * N**3 + 6 * OP_FLOPS
+    step = 8 * N * Tk * r + 20 * N * r * r + 12 * Tk * r * r + 48 * r**3 + 20 * OP_FLOPS
+    return int(dense / step)
+
+
+def _update(
+    Pt: torch.Tensor,
+    Qc: torch.Tensor,
     U: torch.Tensor,
     V: torch.Tensor,
     r: int,
     *,
     rtol: float,
-    inner: int = INNER_STEPS,
+    budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact HOOI U-update for fixed V (batched): top-r eigenspace of G_U = Σₜ Yₜ Yₜᵀ, Yₜ = XₜV.
 
+    Pt (b, T, k, N₁) holds Pₜᵀ and Qc (b, N₂, T·k) = [Q₁ … Q_T], so Yᵀ = [Y₁ … Y_T]ᵀ is one
+    batched GEMM away, already in the row-major layout the products below want.
     Block Krylov / Rayleigh–Ritz on span[U, G_U U], warm-started at the previous U and repeated
-    until U spans an invariant subspace (‖G_U U − U UᵀG_U U‖ ≤ rtol·‖G_U U‖) or ``inner`` steps.
-    Each step costs O(T·N·k·r); every step keeps the old U in the search space, so f rises.
-    Returns (U_new, f(U_new, V)).
+    until U spans an invariant subspace (‖G_U U − U UᵀG_U U‖ ≤ rtol·‖G_U U‖). Each step costs
+    O(T·N·k·r); every step keeps the old U in the search space, so f rises. Items still
+    iterating after ``budget`` steps (``dense_after``) take the top-r eigenvectors of the
+    N₁ × N₁ Gram G_U instead, which is the exact update; with ``budget`` ≥ INNER_STEPS they stop
+    at that cap. Returns (U_new, f(U_new, V)).
     """
-    b, T, N1, _ = Pp.shape
-    # Y = [Y₁ … Y_T] (b, N1, T·r), Yₜ = Xₜ V: G_U = Y Yᵀ, so each product is one GEMM
-    Y = (Pp @ (Qp.mT @ V.unsqueeze(1))).permute(0, 2, 1, 3).reshape(b, N1, -1)
-    YtU = (U.mT @ Y).mT  # Yᵀ U; this operand order is 2x faster at large N
-    f = theta2 = torch.zeros(b, dtype=Y.dtype, device=Y.device)
+    b, T, k, N1 = Pt.shape
+    Yt = ((V.mT @ Qc).view(b, -1, T, k).transpose(1, 2) @ Pt).reshape(b, -1, N1)  # Yᵀ
     todo = None  # None: every item still iterating (no masking needed)
-    for step in range(inner):
-        GU = Y @ YtU
-        if step:  # items already invariant keep their U, so batching changes nothing
-            # U holds Ritz vectors, UᵀG U = diag(θ): ‖G U − U UᵀG U‖² = ‖G U‖² − Σθ²
-            g2 = (GU * GU).sum((-2, -1))
-            left = (g2 - theta2).clamp_min(0) > rtol * rtol * g2
-            todo = left if todo is None else todo & left
-            if not bool(todo.any()):
-                break
-        K = torch.linalg.qr(torch.cat([U, GU], dim=-1)).Q
-        Z = (K.mT @ Y).mT  # Yᵀ K (b, T·r, |K|)
-        evals, W = torch.linalg.eigh(Z.mT @ Z)  # ascending; the top r in any order will do
-        W, evals = W[..., -r:], evals[..., -r:]
-        new = (K @ W, Z @ W, evals.sum(-1), (evals * evals).sum(-1))
-        if todo is None or bool(todo.all()):
-            U, YtU, f, theta2 = new
-        else:
-            keep = todo.view(-1, 1, 1)
-            U, YtU = torch.where(keep, new[0], U), torch.where(keep, new[1], YtU)
-            f, theta2 = torch.where(todo, new[2], f), torch.where(todo, new[3], theta2)
+    if budget > 0:
+        YtU = Yt @ U
+        f = theta2 = torch.zeros(b, dtype=Yt.dtype, device=Yt.device)
+        for step in range(min(budget, INNER_STEPS) + 1):
+            GU = Yt.mT @ YtU
+            if step:  # items already invariant keep their U, so batching changes nothing
+                # U holds Ritz vectors, UᵀG U = diag(θ): ‖G U − U UᵀG U‖² = ‖G U‖² − Σθ²
+                g2 = (GU * GU).sum((-2, -1))
+                left = (g2 - theta2).clamp_min(0) > rtol * rtol * g2
+                todo = left if todo is None else todo & left
+                if not bool(todo.any()):
+                    return U, f
+                if step == budget or step == INNER_STEPS:
+                    break
+            K = torch.linalg.qr(torch.cat([U, GU], dim=-1)).Q
+            Z = Yt @ K  # Yᵀ K (b, T·r, |K|)
+            evals, W = torch.linalg.eigh(Z.mT @ Z)  # ascending; the top r in any order will do
+            W, evals = W[..., -r:], evals[..., -r:]
+            new = (K @ W, Z @ W, evals.sum(-1), (evals * evals).sum(-1))
+            if todo is None or bool(todo.all()):
+                U, YtU, f, theta2 = new
+            else:
+                keep = todo.view(-1, 1, 1)
+                U, YtU = torch.where(keep, new[0], U), torch.where(keep, new[1], YtU)
+                f, theta2 = torch.where(todo, new[2], f), torch.where(todo, new[3], theta2)
+        if budget >= INNER_STEPS:
+            return U, f
+    # the dense solve, for every item (budget 0) or for those still iterating
+    idx = None if todo is None or bool(todo.all()) else todo.nonzero().flatten()
+    Ys = _take(Yt, idx)
+    evals, E = torch.linalg.eigh(Ys.mT @ Ys)
+    if idx is None:
+        return E[..., -r:], evals[..., -r:].sum(-1)
+    U, f = U.clone(), f.clone()
+    U[idx], f[idx] = E[..., -r:], evals[..., -r:].sum(-1)
     return U, f
 
 
@@ -172,9 +214,17 @@ def _tucker2_batch(
     P, Q, rank: int, iters: int, tol: float, extrapolate: bool, hosvd_diagonal: bool
 ) -> list[Tucker2Result]:
     Pp, Qp = P.to(F64), Q.to(F64)
-    b = Pp.shape[0]
+    b, T, N1, k = Pp.shape
+    N2 = Qp.shape[-2]
     rtol = inner_rtol(tol)
-    r = min(rank, Pp.shape[-2], Qp.shape[-2])
+    r = min(rank, N1, N2)
+    # layouts for _update: Pₜᵀ stacked (b, T, k, N), and [P₁ … P_T] (b, N, T·k)
+    Pt, Qt = Pp.mT.contiguous(), Qp.mT.contiguous()
+    Pc, Qc = Pp.transpose(1, 2).reshape(b, N1, T * k), Qp.transpose(1, 2).reshape(b, N2, T * k)
+    # the first sweep starts far from its fixed point (HOSVD): dense where that is cheap
+    budget_U, budget_V = (
+        n if n > FIRST_DENSE else 0 for n in (dense_after(N1, T * k, r), dense_after(N2, T * k, r))
+    )
     PtP = Pp.mT @ Pp  # (b, T, k, k)
     QtQ = Qp.mT @ Qp
     total = (PtP * QtQ).sum((1, 2, 3))  # Σₜ ‖Xₜ‖²_F = Σₜ tr(PₜᵀPₜ QₜᵀQₜ)
@@ -198,21 +248,24 @@ def _tucker2_batch(
     sweeps = [0] * b
     V_in = V.clone()  # the V the next U-update starts from: V, or V extrapolated
     extrapolated = torch.zeros(b, dtype=torch.bool, device=V.device)
-    step_prev = torch.zeros(b, dtype=F64, device=V.device)
-    for _ in range(iters):
+    acc = _Anderson(b, N2, r, ANDERSON_DEPTH, V) if extrapolate else None
+    for sweep in range(iters):
         if not bool(active.any()):
             break
+        if sweep == 1:
+            budget_U, budget_V = dense_after(N1, T * k, r), dense_after(N2, T * k, r)
         idx = None if bool(active.all()) else active.nonzero().flatten()
-        Pa, Qa, Ua, Vi = _take(Pp, idx), _take(Qp, idx), _take(U, idx), _take(V_in, idx)
-        U_new, f_u = _ritz_step(Pa, Qa, Ua, Vi, r, rtol=rtol)
+        Pta, Qca, Ua, Vi = _take(Pt, idx), _take(Qc, idx), _take(U, idx), _take(V_in, idx)
+        U_new, f_u = _update(Pta, Qca, Ua, Vi, r, rtol=rtol, budget=budget_U)
         # safeguard: an extrapolated V must not lose objective, else redo from the plain V
         bad = _take(extrapolated, idx) & (f_u < _take(f_last, idx))
         if bool(bad.any()):
             j = bad.nonzero().flatten()
             Vi = Vi.clone()
             Vi[j] = _take(V, idx)[j]
-            U_new[j], f_u[j] = _ritz_step(Pa[j], Qa[j], Ua[j], Vi[j], r, rtol=rtol)
-        V_new, f = _ritz_step(Qa, Pa, Vi, U_new, r, rtol=rtol)
+            U_new[j], f_u[j] = _update(Pta[j], Qca[j], Ua[j], Vi[j], r, rtol=rtol, budget=budget_U)
+        Qta, Pca = _take(Qt, idx), _take(Pc, idx)
+        V_new, f = _update(Qta, Pca, Vi, U_new, r, rtol=rtol, budget=budget_V)
         U, V, f_last = _put(U, idx, U_new), _put(V, idx, V_new), _put(f_last, idx, f)
         new = rel_error(f, idx).tolist()
         for j, i in enumerate(range(b) if idx is None else idx.tolist()):
@@ -222,34 +275,56 @@ def _tucker2_batch(
             if abs(prev - errors[i][-1]) < tol or errors[i][-1] <= 1e-14:
                 active[i] = False
         V_next, ext = V_new, torch.zeros_like(f, dtype=torch.bool)
-        if extrapolate:
-            V_next, ext, step = _extrapolate(Vi, V_new, _take(step_prev, idx))
-            step_prev = _put(step_prev, idx, step)
+        if acc is not None:
+            V_next, ext = acc.step(idx, Vi, V_new, bad)  # a failed extrapolation restarts
         V_in, extrapolated = _put(V_in, idx, V_next), _put(extrapolated, idx, ext)
     U = _rotate_to_eigvecs(Pp, Qp, U, V)
     V = _rotate_to_eigvecs(Qp, Pp, V, U)
     return [Tucker2Result(U[i], V[i], errors[i], sweeps[i], not bool(active[i])) for i in range(b)]
 
 
-def _extrapolate(
-    V_in: torch.Tensor, V_out: torch.Tensor, step_prev: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Extrapolate one sweep V_in ↦ V_out of HOOI along its step (Aitken-like acceleration).
+class _Anderson:
+    """Anderson extrapolation (type II, Walker & Ni 2011) of the sweep map F: V_in ↦ V_out.
 
-    HOOI converges linearly, ‖Dₖ₊₁‖ ≈ ρ‖Dₖ‖ for the step Dₖ = (I − V_inV_inᵀ)V_out, so its
-    limit lies near V_out + ρ/(1−ρ)·Dₖ. We start the next sweep there (ρ from the last two
-    steps, factor ≤ EXTRAP_MAX); the caller keeps V_out and falls back to it when the
-    extrapolated start loses objective, so f never decreases. Returns (V_next, used, ‖Dₖ‖).
+    HOOI converges linearly to its fixed point, so F is nearly affine there and a combination
+    of the last sweeps extrapolates to the limit (on a single mode, as Aitken's Δ² does; on
+    several modes, which a one-step extrapolation cannot). A subspace span(X) becomes the
+    matrix φ(X) = X XᵀR, the projection of a centre R (the first output since the last
+    restart) onto it: every basis of the span maps to the same point, and φ is one-to-one near
+    span(R). With xᵢ, gᵢ the images of the inputs and outputs of the last ``depth`` + 1 sweeps
+    and fᵢ = gᵢ − xᵢ, θ = argmin ‖f_k − Σⱼ θⱼ(f_{j+1} − f_j)‖ and the next sweep starts from
+    span(g_k − Σⱼ θⱼ(g_{j+1} − g_j)). The caller falls back to V_out when that start loses
+    objective (``restart``), so f never decreases.
     """
-    D = V_out - V_in @ (V_in.mT @ V_out)
-    step = torch.linalg.matrix_norm(D)
-    use = step_prev > 0
-    if not bool(use.any()):
-        return V_out, use, step
-    rho = (step / step_prev.clamp_min(torch.finfo(F64).tiny)).clamp(max=EXTRAP_RHO_MAX)
-    a = torch.where(use, (rho / (1 - rho)).clamp(max=EXTRAP_MAX), 0.0)
-    V_next = torch.linalg.qr(V_out + a.view(-1, 1, 1) * D).Q
-    return torch.where(use.view(-1, 1, 1), V_next, V_out), use, step
+
+    def __init__(self, b: int, N: int, r: int, depth: int, like: torch.Tensor):
+        self.R = like.new_zeros(b, N, r)  # centre of φ
+        self.h = like.new_zeros(b, depth + 1, 2, N * r)  # (xᵢ, gᵢ), oldest first
+        self.count = torch.zeros(b, dtype=torch.long, device=like.device)  # entries set
+
+    def step(self, idx, V_in, V_out, restart):
+        """Record the sweep V_in ↦ V_out of items ``idx``; returns (V_next, extrapolated)."""
+        count = torch.where(restart, 0, _take(self.count, idx)) + 1
+        fresh = (count == 1).view(-1, 1, 1)
+        R = torch.where(fresh, V_out, _take(self.R, idx))
+        X = torch.stack([V_in, V_out], 1)  # (b, 2, N, r)
+        new = (X @ (X.mT @ R.unsqueeze(1))).flatten(2).unsqueeze(1)  # (b, 1, 2, N·r)
+        h = torch.cat([_take(self.h, idx)[:, 1:], new], 1)
+        h = torch.where(fresh.unsqueeze(-1), new, h)  # a restart forgets older sweeps
+        self.R, self.h = _put(self.R, idx, R), _put(self.h, idx, h)
+        self.count = _put(self.count, idx, count)
+        use = count >= 2
+        if not bool(use.any()):
+            return V_out, use
+        x, g = h.unbind(2)  # (b, H, N·r)
+        res = g - x
+        dF, dG = res.diff(dim=1), g.diff(dim=1)  # zero across a restart's copies
+        A = dF @ dF.mT  # (b, H−1, H−1), Tikhonov-regularised: differences may be dependent
+        ridge = 1e-10 * A.diagonal(dim1=-2, dim2=-1).sum(-1) + torch.finfo(F64).tiny
+        A = A + ridge.view(-1, 1, 1) * torch.eye(A.shape[-1], dtype=F64, device=A.device)
+        theta = torch.linalg.solve(A, dF @ res[:, -1:].mT)  # (b, H−1, 1)
+        V_next = torch.linalg.qr((g[:, -1:] - theta.mT @ dG).view(V_out.shape)).Q
+        return torch.where(use.view(-1, 1, 1), V_next, V_out), use
 
 
 def tucker2(

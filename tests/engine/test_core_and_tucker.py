@@ -264,3 +264,115 @@ def test_hooi_follows_svd_based_hooi_on_a_flat_spectrum():
     X = cs.core_matrices().permute(1, 2, 0).contiguous()
     (_, (Ut, Vt)), _ = partial_tucker(X, rank=[6, 6], modes=[0, 1], n_iter_max=2000, tol=1e-13)
     assert _chordal(sol.U, Ut) < 1e-4 and _chordal(sol.V, Vt) < 1e-4
+
+
+def _random_factored(b: int, T: int, N: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(b, T, N, k, generator=g, dtype=torch.float64)
+    Q = torch.randn(b, T, N, k, generator=g, dtype=torch.float64)
+    P = P * torch.logspace(0, -1, k, dtype=torch.float64)  # a decaying spectrum
+    return P, Q
+
+
+def test_ritz_and_dense_updates_agree():
+    """One HOOI U-update three ways: dense eigh of G_U (budget 0), Rayleigh–Ritz only (budget ≥
+    INNER_STEPS), and Ritz with a dense fallback (budget 1, in one batch where some items
+    converge by Ritz and some fall back): same top-r subspace and objective, never below the
+    warm start's."""
+    from mergekit_ctm.engine.tucker import INNER_STEPS, _update
+
+    b, T, N, k, r = 6, 5, 40, 8, 6
+    P, Q = _random_factored(b, T, N, k, seed=1)
+    Pt, Qc = P.mT.contiguous(), Q.transpose(1, 2).reshape(b, N, T * k)
+    g = torch.Generator().manual_seed(2)
+    V = torch.linalg.qr(torch.randn(b, N, r, generator=g, dtype=torch.float64)).Q
+    U0 = torch.linalg.qr(torch.randn(b, N, r, generator=g, dtype=torch.float64)).Q
+    U0[:3] = _update(Pt[:3], Qc[:3], U0[:3], V[:3], r, rtol=1e-12, budget=0)[0]  # converged
+    Y = (P @ (Q.mT @ V.unsqueeze(1))).permute(0, 2, 1, 3).reshape(b, N, -1)
+
+    def f_of(U):
+        return ((U.mT @ Y) ** 2).sum((-2, -1))
+
+    outs = [_update(Pt, Qc, U0, V, r, rtol=1e-9, budget=s) for s in (0, INNER_STEPS, 1)]
+    for U, f in outs:
+        assert torch.allclose(U.mT @ U, torch.eye(r, dtype=torch.float64).expand(b, r, r))
+        assert torch.allclose(f, f_of(U), rtol=1e-12)
+        assert bool((f >= f_of(U0) * (1 - 1e-14)).all())
+        for i in range(b):
+            assert _chordal(U[i], outs[0][0][i]) < 1e-6  # residual 1e-9 · ‖G‖ / gap
+        assert torch.allclose(f, outs[0][1], rtol=1e-13)
+
+
+@pytest.mark.parametrize("budget", [0, 1, 3, 10**9])
+def test_hooi_with_any_dense_budget_is_monotone_and_agrees(budget, monkeypatch):
+    """Whichever mix of Ritz steps and dense solves the budget picks, HOOI is monotone and
+    reaches the same optimum; batched items equal single solves."""
+    import mergekit_ctm.engine.tucker as tk
+
+    P, Q = _random_factored(3, 4, 30, 6, seed=3)
+    ref = tk.tucker2_batch(P, Q, 5, iters=4000, tol=1e-15, extrapolate=False)
+    monkeypatch.setattr(tk, "dense_after", lambda N, Tk, r: budget)
+    tight = tk.tucker2_batch(P, Q, 5, iters=4000, tol=1e-15)
+    batch = tk.tucker2_batch(P, Q, 5, iters=4000, tol=1e-12)
+    for i, sol in enumerate(tight):
+        sq = [e * e for e in sol.errors]
+        assert all(b <= a + 1e-14 for a, b in zip(sq, sq[1:]))
+        assert sol.converged and abs(sol.errors[-1] - ref[i].errors[-1]) < 1e-10
+        assert _chordal(sol.U, ref[i].U) < 1e-5 and _chordal(sol.V, ref[i].V) < 1e-5
+        single = tk.tucker2(P[i], Q[i], 5, iters=4000, tol=1e-12)
+        assert single.sweeps == batch[i].sweeps
+        su, sb = single.U * canonical_signs(single.U), batch[i].U * canonical_signs(batch[i].U)
+        assert torch.allclose(su, sb, atol=1e-9)
+
+
+def test_dense_after_prefers_ritz_only_when_it_pays():
+    """Small cores solve densely from the start; at N = 96 (issue #9) a few Ritz steps come
+    first; at N = 4096 (T = 256) the dense solve is never worth its O(N³)."""
+    from mergekit_ctm.engine.tucker import INNER_STEPS, dense_after
+
+    assert dense_after(48, 48, 16) == 0 and dense_after(24, 36, 5) == 0
+    assert 1 <= dense_after(96, 96, 16) <= 4
+    assert dense_after(4096, 4096, 16) > INNER_STEPS
+
+
+def test_a_bad_extrapolation_costs_sweeps_not_objective(monkeypatch):
+    """The safeguard: whatever the extrapolation proposes (here a random subspace every sweep),
+    a U-update that loses objective is redone from the plain V, so HOOI stays monotone and
+    still converges to the plain-HOOI optimum. Fails when the safeguard is removed."""
+    import mergekit_ctm.engine.tucker as tk
+
+    g = torch.Generator().manual_seed(5)
+
+    def random_step(self, idx, V_in, V_out, restart):
+        V = torch.linalg.qr(torch.randn(V_out.shape, generator=g, dtype=V_out.dtype)).Q
+        return V, torch.ones(V.shape[0], dtype=torch.bool)
+
+    P, Q = _random_factored(2, 4, 30, 6, seed=4)
+    plain = tk.tucker2_batch(P, Q, 5, iters=4000, tol=1e-14, extrapolate=False)
+    monkeypatch.setattr(tk._Anderson, "step", random_step)
+    sols = tk.tucker2_batch(P, Q, 5, iters=4000, tol=1e-14)
+    for sol, ref in zip(sols, plain):
+        sq = [e * e for e in sol.errors]
+        assert all(b <= a + 1e-14 for a, b in zip(sq, sq[1:]))
+        assert sol.converged and abs(sol.errors[-1] - ref.errors[-1]) < 1e-10
+
+
+def test_small_ctm_merges_do_not_depend_on_threads():
+    """Modules with Σrₜ ≤ TINY merge on one thread end to end: merge_lora with 2 threads,
+    with 1, and merge_lora_many give the same bytes."""
+    from mergekit_ctm.engine import merge_lora, merge_lora_many
+
+    mods = [lora_factors(5, n=300, m=200, ranks=[4, 6, 4, 8, 3], seed=k) for k in range(3)]
+    kw = dict(method="ctm", rank=6, base_rule="ties", rule_params={"density": 0.5})
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = [merge_lora(*f, dtype=torch.float32, **kw) for f in mods]
+        many = merge_lora_many([(a, b, s) for a, b, s in mods], workers=2, **kw)
+        torch.set_num_threads(1)
+        one = [merge_lora(*f, dtype=torch.float32, **kw) for f in mods]
+    finally:
+        torch.set_num_threads(saved)
+    for x, y, z in zip(two, one, many):
+        assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+        assert torch.equal(x.A, z.A) and torch.equal(x.B, z.B)
