@@ -21,6 +21,7 @@ from mergekit_ctm.plan.tasks import (
     FinalizeAdapter,
     LoadDense,
     LoadFactors,
+    MergeChunk,
     MergeDense,
     MergeModule,
     ModuleRank,
@@ -54,20 +55,39 @@ def recipe_source(merge_config: Any, config_source: str | None) -> str | dict[st
     return merge_config.model_dump(mode="json", exclude_none=True)
 
 
-def _merge_task(plan: MergePlan, module: Any) -> MergeModule:
-    """The engine merge of one module, fed by one LoadFactors per adapter that has it."""
-    return MergeModule(
-        module=module.name,
-        factors=tuple(
-            LoadFactors(adapter_path=plan.adapters[i].path, module=module.name, dtype=plan.dtype)
-            for i in module.adapters
-        ),
-        method=plan.method,
-        params=module.params,
-        rule_params=module.rule_params,
-        seed=module.seed,
-        dtype=plan.dtype,
-    )
+def merge_tasks(plan: MergePlan) -> dict[str, MergeModule]:
+    """Module name -> its merge. Consecutive modules with identical parameters are solved
+    together, at most MAX_CHUNK per batched engine call (memory stays a chunk's factors)."""
+    from mergekit_ctm.engine.api import MAX_CHUNK
+
+    chunks: list[list[Any]] = []
+    for module in plan.modules:
+        key = (module.params, module.rule_params)
+        last = chunks[-1] if chunks else None
+        if last and len(last) < MAX_CHUNK and (last[0].params, last[0].rule_params) == key:
+            last.append(module)
+        else:
+            chunks.append([module])
+    out: dict[str, MergeModule] = {}
+    for members in chunks:
+        chunk = MergeChunk(
+            label=f"chunk:{members[0].name}",
+            modules=tuple(m.name for m in members),
+            factors=tuple(
+                tuple(
+                    LoadFactors(adapter_path=plan.adapters[i].path, module=m.name, dtype=plan.dtype)
+                    for i in m.adapters
+                )
+                for m in members
+            ),
+            method=plan.method,
+            params=members[0].params,
+            rule_params=members[0].rule_params,
+            seeds=tuple(m.seed for m in members),
+            dtype=plan.dtype,
+        )
+        out.update({m.name: MergeModule(chunk=chunk, index=j) for j, m in enumerate(members)})
+    return out
 
 
 def _dense_task(plan: MergePlan, dense: Any, base_index: Any) -> MergeDense:
@@ -112,8 +132,9 @@ def plan_adapter_tasks(plan: MergePlan, out_path: str, options: MergeOptions) ->
     )
     saves: list[Task] = []
     ranks: list[ModuleRank] = []
+    merges = merge_tasks(plan)
     for module in plan.modules:
-        merge = _merge_task(plan, module)
+        merge = merges[module.name]
         transposed = stores_transposed(module)
         for which, key in (("A", module.key_A), ("B", module.key_B)):
             saves.append(
@@ -162,8 +183,9 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
         safe_serialization=options.safe_serialization,
     )
     by_weight: dict[str, Task] = {}
+    merges = merge_tasks(plan)
     for module in plan.modules:
-        merge = _merge_task(plan, module)
+        merge = merges[module.name]
         by_weight[module.weight_name] = ApplyDelta(
             base=LoadTensor(model=base_ref, tensor=module.weight_name),
             merge=merge,

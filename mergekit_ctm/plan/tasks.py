@@ -102,42 +102,67 @@ class LoadFactors(Task[tuple]):
         return -1000
 
 
-class MergeModule(Task[tuple]):
-    """engine.merge_lora on the math device -> (A, B, requested_rank); ΔW = B A, scaling 1."""
+class MergeChunk(Task[tuple]):
+    """engine.merge_lora_many over modules that share every parameter: one batched call, the
+    core problems on worker threads that each run single-threaded (the bytes do not depend
+    on the thread count). Returns one (A, B, requested_rank) per module; ΔW = B A, scaling 1."""
 
-    module: str
-    factors: tuple[LoadFactors, ...]
+    label: str
+    modules: tuple[str, ...]
+    factors: tuple[tuple[LoadFactors, ...], ...]  # per module, per adapter that has it
     method: str
     params: tuple[tuple[str, Any], ...]
     rule_params: tuple[tuple[str, Any], ...]
-    seed: int
+    seeds: tuple[int, ...]
     dtype: str | None = None
 
     def arguments(self) -> dict[str, Task]:
-        return {f"f{i}": f for i, f in enumerate(self.factors)}
+        return {f"m{j}_{i}": f for j, loads in enumerate(self.factors) for i, f in enumerate(loads)}
 
     def uses_accelerator(self) -> bool:
         return True
 
     def group_label(self) -> str | None:
-        return self.module
+        return self.label
 
     def execute(self, **kwargs: tuple) -> tuple:
-        from mergekit_ctm.engine import merge_lora
+        from mergekit_ctm.engine import merge_lora_many
 
-        loaded = [kwargs[f"f{i}"] for i in range(len(self.factors))]
-        out = merge_lora(
-            [f[0] for f in loaded],
-            [f[1] for f in loaded],
-            [f[2] for f in loaded],
+        triples = []
+        for j, loads in enumerate(self.factors):
+            got = [kwargs[f"m{j}_{i}"] for i in range(len(loads))]
+            triples.append(([f[0] for f in got], [f[1] for f in got], [f[2] for f in got]))
+        outs = merge_lora_many(
+            triples,
+            seeds=list(self.seeds),
             method=self.method,
             rule_params=rule_kwargs(self.rule_params),
-            seed=self.seed,
             dtype=math_dtype(self.dtype),
             **dict(self.params),
         )
-        log_solve(self.module, out.info, dict(self.params))
-        return (out.A, out.B, int(out.requested_rank))
+        for module, out in zip(self.modules, outs):
+            log_solve(module, out.info, dict(self.params))
+        return tuple((out.A, out.B, int(out.requested_rank)) for out in outs)
+
+
+class MergeModule(Task[tuple]):
+    """One module's (A, B, requested_rank) out of its chunk's batched merge."""
+
+    chunk: MergeChunk
+    index: int
+
+    @property
+    def module(self) -> str:
+        return self.chunk.modules[self.index]
+
+    def arguments(self) -> dict[str, Task]:
+        return {"chunk": self.chunk}
+
+    def group_label(self) -> str | None:
+        return self.chunk.label
+
+    def execute(self, chunk: tuple) -> tuple:
+        return chunk[self.index]
 
 
 class PeftFactor(Task[torch.Tensor]):
@@ -151,7 +176,7 @@ class PeftFactor(Task[torch.Tensor]):
         return {"merged": self.merge}
 
     def group_label(self) -> str | None:
-        return self.merge.module
+        return self.merge.chunk.label
 
     def execute(self, merged: tuple) -> torch.Tensor:
         a, b = swap_layout(merged[0], merged[1], self.transposed)
@@ -167,7 +192,7 @@ class ModuleRank(Task[tuple]):
         return {"merged": self.merge}
 
     def group_label(self) -> str | None:
-        return self.merge.module
+        return self.merge.chunk.label
 
     def execute(self, merged: tuple) -> tuple:
         return (self.merge.module, int(merged[0].shape[0]), int(merged[2]))
@@ -187,7 +212,7 @@ class ApplyDelta(Task[torch.Tensor]):
         return True
 
     def group_label(self) -> str | None:
-        return self.merge.module
+        return self.merge.chunk.label
 
     def execute(self, weight: torch.Tensor, merged: tuple) -> torch.Tensor:
         dt = math_dtype(self.dtype)

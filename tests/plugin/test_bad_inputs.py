@@ -420,7 +420,7 @@ CASES: list[Case] = [
         mkdir_out,
         130,
         ("interrupted",),
-        fault=fail_in("mergekit_ctm.engine:merge_lora", KeyboardInterrupt()),
+        fault=fail_in("mergekit_ctm.engine:merge_lora_many", KeyboardInterrupt()),
     ),
     Case(
         "fault-io-error-reading",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import yaml
 from conftest import run_cli, tool, write_recipe
 
@@ -41,3 +42,29 @@ def test_mergekit_config_reproduces_the_merge_byte_for_byte(example, tmp_path):
         assert f"{dist} " in card
     assert "Seed: 7" in card and "arXiv:2606.03723" in card
     assert str(out) not in card and str(out) not in config  # same bytes wherever written
+
+
+@pytest.mark.parametrize("method", ["ctm", "mtc", "core_space"])
+def test_same_bytes_for_any_thread_count(example, tmp_path, method):
+    """The batched plugin path solves modules on one-thread workers: 1 or 2 torch threads
+    give the same file."""
+    import torch
+    from mergekit.options import MergeOptions
+
+    from mergekit_ctm.plan.run import run_adapter_merge
+
+    text = write_recipe(
+        tmp_path / "r.yml", example, method, parameters={"base_rule": "ties", "rank": 4},
+        per_adapter={"weight": 1.0, "density": 0.5},
+    ).read_text()  # fmt: skip
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = tmp_path / f"t{n}"
+            run_adapter_merge(text, str(out), MergeOptions(quiet=True), config_source=text)
+            got.append((out / "adapter_model.safetensors").read_bytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1]
