@@ -70,12 +70,18 @@ def merge_tasks(plan: MergePlan) -> dict[str, MergeModule]:
             chunks.append([module])
     out: dict[str, MergeModule] = {}
     for members in chunks:
+        label = f"chunk:{members[0].name}"
         chunk = MergeChunk(
-            label=f"chunk:{members[0].name}",
+            label=label,
             modules=tuple(m.name for m in members),
             factors=tuple(
                 tuple(
-                    LoadFactors(adapter_path=plan.adapters[i].path, module=m.name, dtype=plan.dtype)
+                    LoadFactors(
+                        adapter_path=plan.adapters[i].path,
+                        module=m.name,
+                        dtype=plan.dtype,
+                        group=label,
+                    )
                     for i in m.adapters
                 )
                 for m in members

@@ -85,6 +85,7 @@ class LoadFactors(Task[tuple]):
     adapter_path: str
     module: str
     dtype: str | None = None
+    group: str | None = None  # the chunk it feeds: loaded with it, not ahead of it
 
     def arguments(self) -> dict[str, Task]:
         return {}
@@ -96,7 +97,7 @@ class LoadFactors(Task[tuple]):
         return (a, b, float(s))
 
     def group_label(self) -> str | None:
-        return self.module
+        return self.group or self.module
 
     def priority(self) -> int:
         return -1000
