@@ -1,0 +1,42 @@
+"""The task graph: chunks of modules with identical parameters, streamed chunk by chunk."""
+
+from __future__ import annotations
+
+from conftest import write_recipe
+from mergekit.options import MergeOptions
+
+from mergekit_ctm.engine.api import MAX_CHUNK
+from mergekit_ctm.plan.run import merge_tasks, plan_adapter_tasks
+from mergekit_ctm.plan.tasks import LoadFactors, MergeChunk
+from mergekit_ctm.recipe import build_plan
+
+
+def _walk(task, seen):
+    if id(task) in seen:
+        return
+    seen[id(task)] = task
+    for dep in task.arguments().values():
+        _walk(dep, seen)
+
+
+def test_chunks_group_equal_parameters_and_loads_follow_their_chunk(example, tmp_path):
+    text = write_recipe(
+        tmp_path / "r.yml", example, "ctm", parameters={"rank": 4, "beta": [0.2, 0.8]}
+    ).read_text()  # a gradient: beta differs between the two layers' modules
+    plan = build_plan(text)
+    merges = merge_tasks(plan)
+    chunks = {id(m.chunk): m.chunk for m in merges.values()}.values()
+    assert all(len(c.modules) <= MAX_CHUNK for c in chunks)
+    for c in chunks:  # one parameter set per chunk, every module of the plan in one chunk
+        params = {dict(m.params)["beta"] for m in plan.modules if m.name in c.modules}
+        assert len(params) == 1
+    assert sorted(n for c in chunks for n in c.modules) == sorted(m.name for m in plan.modules)
+    assert len(chunks) >= 2
+    seen: dict = {}
+    for task in plan_adapter_tasks(plan, str(tmp_path / "out"), MergeOptions()):
+        _walk(task, seen)
+    for chunk in (t for t in seen.values() if isinstance(t, MergeChunk)):
+        loads = [f for per in chunk.factors for f in per]
+        assert loads and all(isinstance(f, LoadFactors) for f in loads)
+        # read with their chunk, not scheduled ahead of it (memory stays one chunk's)
+        assert {f.group_label() for f in loads} == {chunk.group_label()}
