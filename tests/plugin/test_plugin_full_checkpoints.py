@@ -145,3 +145,21 @@ def test_registered_method_computes_through_mergekits_state_dict_interface(check
         q = "model.layers.0.self_attn.q_proj.weight"
         s = torch.linalg.svdvals(out[q].double() - states[0][q].double())
         assert (s > 1e-3 * s[0]).sum() <= 4, (method, s[:6])  # the rest: float32 rounding
+
+
+@pytest.mark.slow
+def test_full_checkpoints_through_run_merge_without_config_source(checkpoints, tmp_path):
+    """mergekit's Python entry point, with only the parsed configuration: our dispatch sends
+    full checkpoints to mergekit's planner, which calls our kernel."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    ck = checkpoints
+    recipe = _recipe(ck, "ctm", {"base_rule": "task_arithmetic", "rank": 4, "beta": 0.5})
+    run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "out"),
+              MergeOptions(quiet=True))  # fmt: skip
+    out, base = _load(tmp_path / "out"), _load(ck["base"])
+    q = "model.layers.1.self_attn.q_proj.weight"
+    s = torch.linalg.svdvals(out[q].double() - base[q].double())
+    assert (s > 1e-3 * s[0]).sum() <= 4
