@@ -121,11 +121,9 @@ def ctm_many(
     """``ctm`` for many modules, solving the core problems of equal shape as one batch.
 
     On the CPU, modules whose core order Σrₜ is at most ``linalg.TINY`` merge on one thread
-    from end to end: their largest products (the n × Σrₜ Grams, 2 × 38 MFLOP for a Llama
-    q_proj at T = 6) gain little from more threads on an idle machine, and on a busy one each
-    OpenMP region can stall. One issue-#9 module with 2 threads at load 3 on 2 cores: 508 ms
-    median (quartiles 275 / 593) with threads outside the core solve, 60 ms (58 / 62) on one.
-    Results then do not depend on the thread count.
+    from end to end: their largest products (the n × Σrₜ Grams) gain little from more threads
+    on an idle machine, and on a busy one each OpenMP region can stall (docs/benchmarks.md,
+    "Engine on the issue-#9 workloads"). Results then do not depend on the thread count.
     """
     if not modules:
         return []

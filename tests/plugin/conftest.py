@@ -39,6 +39,19 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         return make_tiny_example(root, n_adapters=4)
 
 
+@pytest.fixture(scope="module")
+def good(example) -> dict:
+    """A valid ctm/ties recipe over all example adapters, as a dict (tests mutate copies)."""
+    return {
+        "merge_method": "ctm",
+        "base_model": example["base"],
+        "models": [
+            {"model": p, "parameters": {"weight": 1.0, "density": 0.5}} for p in example["adapters"]
+        ],
+        "parameters": {"base_rule": "ties", "rank": 4, "beta": 0.5},
+    }
+
+
 def write_recipe(
     path: Path,
     example: dict[str, Any],

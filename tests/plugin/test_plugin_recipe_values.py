@@ -11,18 +11,6 @@ import yaml
 from mergekit_ctm.recipe import RecipeError, build_plan, parse_recipe
 
 
-@pytest.fixture(scope="module")
-def good(example) -> dict:
-    return {
-        "merge_method": "ctm",
-        "base_model": example["base"],
-        "models": [
-            {"model": p, "parameters": {"weight": 1.0, "density": 0.5}} for p in example["adapters"]
-        ],
-        "parameters": {"base_rule": "ties", "rank": 4, "beta": 0.5},
-    }
-
-
 def _mut(good: dict, fn) -> dict:
     r = copy.deepcopy(good)
     fn(r)

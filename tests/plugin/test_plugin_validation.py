@@ -14,18 +14,6 @@ from conftest import run_cli, tool, write_recipe
 from mergekit_ctm.recipe import RecipeError, build_plan, layer_t
 
 
-@pytest.fixture(scope="module")
-def good(example) -> dict:
-    return {
-        "merge_method": "ctm",
-        "base_model": example["base"],
-        "models": [
-            {"model": p, "parameters": {"weight": 1.0, "density": 0.5}} for p in example["adapters"]
-        ],
-        "parameters": {"base_rule": "ties", "rank": 4, "beta": 0.5},
-    }
-
-
 def _err(recipe: dict) -> str:
     with pytest.raises(RecipeError) as info:
         build_plan(recipe)
