@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import yaml
+from mergekit.merge_methods.base import MISSING
 
 from mergekit_ctm.engine.methods import METHODS
 from mergekit_ctm.recipe import MergePlan
+from mergekit_ctm.recipe.params import rule_specs
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SNAPSHOT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
@@ -62,12 +64,21 @@ def input_identity(ref: str, path: str, files: Sequence[str]) -> str:
 
 
 def resolved_recipe(plan: MergePlan) -> dict[str, Any]:
-    """The recipe as run: the user's keys, the method's parameters with defaults written out,
-    the base model and the seed."""
+    """The recipe as run: the user's keys, the method's and the base rule's parameters with
+    defaults written out, the base model and the seed.
+
+    A rule default goes to the recipe-wide level, where mergekit's resolver reaches it only
+    when no adapter sets the parameter (adapter > recipe), so it changes no resolved value.
+    Defaults of None (computed by the rule, e.g. from the adapter count: ``tsv``'s
+    ``fraction``) are left out, so the rule still computes them."""
     recipe = plan.recipe.model_dump(mode="json", exclude_none=True)
     params = dict(recipe.get("parameters") or {})
-    for p in METHODS[plan.method].parameters:
-        if p.name not in params and p.default is not None:
+    specs = [
+        *METHODS[plan.method].parameters,
+        *(rule_specs(plan.base_rule) if plan.base_rule else ()),
+    ]
+    for p in specs:
+        if p.name not in params and p.default is not None and p.default is not MISSING:
             params[p.name] = p.default
     recipe["parameters"] = params
     if plan.base_model:

@@ -68,3 +68,42 @@ def test_same_bytes_for_any_thread_count(example, tmp_path, method):
     finally:
         torch.set_num_threads(threads)
     assert got[0] == got[1]
+
+
+@pytest.mark.parametrize(
+    ("rule", "per_adapter"),
+    [
+        ("ties", [{"density": 0.5}, {"density": [{"filter": "q_proj", "value": 0.3}]}, {}, {}]),
+        ("della", [{"weight": 2.0}, {}, {}, {"epsilon": 0.05, "density": 0.6}]),
+        ("tsv", None),  # fraction: default None (computed from the adapter count), left out
+        ("iso_cts", None),  # cts_rank: default None, left out
+    ],
+)
+def test_resolved_config_writes_rule_defaults_and_resolves_the_same(
+    example, tmp_path, rule, per_adapter
+):
+    """mergekit_config.yml carries every base-rule parameter with a default (recipe-wide
+    level), none whose default the rule computes, and resolves to the same per-module values:
+    per-adapter settings (also filters that match only some modules) still win."""
+    from mergekit_ctm.plan.card import resolved_recipe
+    from mergekit_ctm.recipe import build_plan
+    from mergekit_ctm.recipe.params import rule_specs
+
+    recipe = write_recipe(
+        tmp_path / "r.yml", example, "ctm", parameters={"base_rule": rule, "rank": 4},
+        per_adapter=per_adapter,
+    )  # fmt: skip
+    plan = build_plan(recipe.read_text())
+    resolved = resolved_recipe(plan)
+    written = resolved["parameters"]
+    for p in rule_specs(rule):
+        if p.default is None:
+            assert p.name not in written, p.name
+        else:
+            assert written[p.name] == p.default, p.name
+    again = build_plan(yaml.safe_dump(resolved, sort_keys=False))
+    assert [(m.name, m.params, m.rule_params) for m in again.modules] == [
+        (m.name, m.params, m.rule_params) for m in plan.modules
+    ]
+    assert again.dense == plan.dense
+    assert resolved_recipe(again) == resolved  # a fixed point: nothing more to write
