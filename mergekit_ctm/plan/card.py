@@ -91,6 +91,15 @@ def resolved_recipe(plan: MergePlan) -> dict[str, Any]:
     }
 
 
+def base_identity(plan: MergePlan) -> str | None:
+    """The base model's revision (commit hash) when the merge read it from the Hugging Face
+    cache (output: model with a hub id); None otherwise."""
+    snap = _SNAPSHOT.search(plan.base_path or "")
+    if is_hub_id(plan.base_model) and snap:
+        return f"revision {snap.group(1)}"
+    return None
+
+
 def identities(plan: MergePlan) -> list[str]:
     """Each input adapter's revision or weights hash (reads each weights file once)."""
     return [input_identity(a.ref, a.path, a.files) for a in plan.adapters]
@@ -103,6 +112,8 @@ def _versions_line() -> str:
 def config_text(plan: MergePlan, ids: Sequence[str]) -> str:
     """mergekit_config.yml: provenance as comments, then the resolved recipe."""
     lines = ["Written by mergekit-ctm.", _versions_line()]
+    if base := base_identity(plan):
+        lines.append(f"base_model {plan.base_model}: {base}")
     lines += [
         f"models[{i}] {a.ref}: {ident}" for i, (a, ident) in enumerate(zip(plan.adapters, ids))
     ]
@@ -121,7 +132,7 @@ def model_card(
     method = METHODS[plan.method]
     meta: dict[str, Any] = {}
     if is_hub_id(plan.base_model):
-        meta["base_model"] = plan.base_model
+        meta["base_model"] = plan.base_model.split("@")[0]  # the Hub's field takes no revision
     if plan.output == "adapter":
         meta["library_name"] = "peft"
     meta["tags"] = ["mergekit", "merge", "mergekit-ctm", plan.method]
@@ -144,6 +155,8 @@ def model_card(
         "## Inputs",
         "",
     ]
+    if base_rev := base_identity(plan):
+        lines.append(f"- base model `{plan.base_model}` ({base_rev})")
     for info, ident in zip(plan.adapters, ids):
         rs = sorted({m.r for m in info.modules.values()})
         lines.append(

@@ -8,7 +8,8 @@ import os
 import shutil
 from typing import Any
 
-from mergekit.common import ModelReference
+import torch
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWriterTask
 from mergekit.options import MergeOptions
@@ -100,7 +101,9 @@ def _dense_task(plan: MergePlan, dense: Any, base_index: Any) -> MergeDense:
     base = None
     if base_index is not None and dense.weight_name in base_index:
         base = LoadTensor(
-            model=ModelReference.parse(plan.base_model), tensor=dense.weight_name, dtype=plan.dtype
+            model=ModelReference.parse(plan.base_path or plan.base_model),
+            tensor=dense.weight_name,
+            dtype=plan.dtype,
         )
     return MergeDense(
         key=dense.key,
@@ -177,17 +180,76 @@ def plan_adapter_tasks(plan: MergePlan, out_path: str, options: MergeOptions) ->
     return [*saves, finalize]
 
 
-def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> list[Task]:
-    """Tasks writing the base model with every merged ΔW = B A added, shard by shard."""
+def base_tensors(base_path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]] | None:
+    """Base tensor name -> (dtype, shape), in the base's index order: from the safetensors
+    headers, or from ``.bin`` shards loaded onto the meta device (no tensor data). None when a
+    dtype has no safetensors code (then mergekit's TensorWriter writes the model)."""
     from mergekit.io import ShardedTensorIndex
 
-    base_ref = ModelReference.parse(plan.base_model)
-    index = ShardedTensorIndex.from_disk(plan.base_model)
-    writer = TensorWriterTask(
+    from mergekit_ctm.adapters.peft_lora import read_safetensors_header
+    from mergekit_ctm.plan.stream import CODE, DTYPE
+
+    index = ShardedTensorIndex.from_disk(base_path)
+    found: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}
+    for shard in dict.fromkeys(index.tensor_paths.values()):
+        path = os.path.join(base_path, shard)
+        if index.is_safetensors:
+            for k, meta in read_safetensors_header(path, what="base model: ").items():
+                found[k] = (DTYPE.get(meta["dtype"]), tuple(meta["shape"]))
+        else:
+            state = torch.load(path, map_location="meta", weights_only=True)
+            state = state.get("state_dict", state)
+            found.update({k: (v.dtype, tuple(v.shape)) for k, v in state.items()})
+    out = {name: found[name] for name in index.tensor_paths}
+    if any(dt not in CODE for dt, _ in out.values()):
+        return None
+    return out  # type: ignore[return-value]
+
+
+def model_writer(
+    plan: MergePlan, out_path: str, options: MergeOptions, names: list[str]
+) -> TensorWriterTask:
+    """The writer of output: model. Safetensors output streams (plan/stream.py): each tensor
+    is written at its planned offset as it is produced, so memory does not grow with the
+    shard size and --out-shard-size only sets how the files are split. ``--no-safe-
+    serialization`` (torch.save needs a whole shard in memory) and a base with a dtype that
+    safetensors has no code for use mergekit's TensorWriter, which holds up to
+    --out-shard-size bytes."""
+    from mergekit_ctm.plan.stream import StreamingWriterTask, plan_layout
+
+    base = base_tensors(plan.base_path) if options.safe_serialization else None
+    if base is not None:
+        out = dtype_from_name(plan.recipe.out_dtype)
+        specs = [(n, out or base[n][0], base[n][1]) for n in names]
+        return StreamingWriterTask(
+            out_path=out_path,
+            max_shard_size=options.out_shard_size,
+            layout=plan_layout(specs, options.out_shard_size),
+        )
+    LOG.info(
+        "output: model is written with mergekit's TensorWriter, which holds up to "
+        "--out-shard-size (%d) bytes in memory",
+        options.out_shard_size,
+    )
+    return TensorWriterTask(
         out_path=out_path,
         max_shard_size=options.out_shard_size,
         safe_serialization=options.safe_serialization,
     )
+
+
+def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> list[Task]:
+    """Tasks writing the base model with every merged ΔW = B A added, tensor by tensor.
+
+    Each tensor is written in ``out_dtype``, else in the base tensor's dtype (merged
+    modules_to_save / bias tensors too, which are computed in the math dtype)."""
+    from mergekit.io import ShardedTensorIndex
+
+    base_path = plan.base_path or plan.base_model
+    base_ref = ModelReference.parse(base_path)
+    index = ShardedTensorIndex.from_disk(base_path)
+    names = list(index.tensor_paths)
+    writer = model_writer(plan, out_path, options, names)
     by_weight: dict[str, Task] = {}
     merges = merge_tasks(plan)
     for module in plan.modules:
@@ -197,21 +259,7 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
             merge=merge,
             dtype=plan.dtype,
         )
-    base_names = set(index.tensor_paths)
-    for dense in plan.dense:
-        by_weight[dense.weight_name] = _dense_task(plan, dense, base_names)
-    saves = []
-    for name in index.tensor_paths:
-        task = by_weight.get(name) or LoadTensor(model=base_ref, tensor=name)
-        saves.append(
-            SaveTensor(
-                tensor_name=name,
-                tensor_task=task,
-                writer_task=writer,
-                clone=options.clone_tensors,
-                dtype=plan.recipe.out_dtype,
-            )
-        )
+    base_names = set(names)
     missing = sorted(set(by_weight) - base_names)
     if missing:
         from mergekit_ctm.recipe import RecipeError
@@ -219,6 +267,25 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
         raise RecipeError(
             f"output: model: base model {plan.base_model!r} has no tensor(s) {missing[:5]}; "
             "the adapters were trained on another base model"
+        )
+    dense_dtype: dict[str, str | None] = {}
+    if plan.dense:
+        base = base_tensors(base_path) or {}
+        for dense in plan.dense:
+            by_weight[dense.weight_name] = _dense_task(plan, dense, base_names)
+            dt = base.get(dense.weight_name, (None,))[0]
+            dense_dtype[dense.weight_name] = str(dt).removeprefix("torch.") if dt else None
+    saves = []
+    for name in names:
+        task = by_weight.get(name) or LoadTensor(model=base_ref, tensor=name)
+        saves.append(
+            SaveTensor(
+                tensor_name=name,
+                tensor_task=task,
+                writer_task=writer,
+                clone=options.clone_tensors,
+                dtype=plan.recipe.out_dtype or dense_dtype.get(name),
+            )
         )
     return [*saves, FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=writer)]
 
@@ -238,7 +305,8 @@ def _copy_model_files(plan: MergePlan, out: str, copy_tokenizer: bool = True) ->
     tokenizer files."""
     import json
 
-    with open(os.path.join(plan.base_model, "config.json"), encoding="utf-8") as f:
+    base = plan.base_path or plan.base_model
+    with open(os.path.join(base, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     if plan.recipe.out_dtype:
         cfg["torch_dtype"] = plan.recipe.out_dtype
@@ -246,7 +314,7 @@ def _copy_model_files(plan: MergePlan, out: str, copy_tokenizer: bool = True) ->
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
     for fname in TOKENIZER_FILES if copy_tokenizer else ():
-        src = os.path.join(plan.base_model, fname)
+        src = os.path.join(base, fname)
         if os.path.isfile(src):
             shutil.copy(src, os.path.join(out, fname))
 
@@ -254,7 +322,7 @@ def _copy_model_files(plan: MergePlan, out: str, copy_tokenizer: bool = True) ->
 def plan_inputs(plan: MergePlan, recipe_path: str | None = None) -> list[tuple[str, str]]:
     """(what, local path) of everything the merge reads: the output may not overwrite them."""
     inputs = [(f"input adapter models[{i}]", a.path) for i, a in enumerate(plan.adapters)]
-    bases = {plan.base_model, *(a.base_ref for a in plan.adapters)}
+    bases = {plan.base_model, plan.base_path, *(a.base_ref for a in plan.adapters)}
     inputs += [("base model", b) for b in sorted(b for b in bases if b and os.path.isdir(b))]
     if recipe_path:
         inputs.append(("recipe", recipe_path))

@@ -95,6 +95,10 @@ class MergePlan:
     base_status: str | None = None
     # num_layers was read from the base's config.json (else counted from the module names).
     num_layers_from_base: bool = False
+    # The local directory holding the base's weights: base_model itself when it is a local
+    # directory; for output: model with a hub id, its snapshot in the local Hugging Face cache
+    # (resolved offline). None when the base's weights are not read.
+    base_path: str | None = None
 
     @property
     def output(self) -> str:
@@ -670,7 +674,7 @@ def build_plan(
     adapters = _read_adapters(recipe, cache_dir)
     labels = [a.ref for a in adapters]
     base_model, base_status, base_config, notes = _base_model(recipe, adapters, cache_dir, given)
-    _check_base_for(recipe, adapters, base_model)
+    base_path = _check_base_for(recipe, adapters, base_model, base_status, cache_dir)
 
     # Union of target modules, in natural order of first appearance.
     owners: dict[str, list[int]] = {}
@@ -697,19 +701,36 @@ def build_plan(
         notes=notes,
         base_status=base_status,
         num_layers_from_base=layers_from_base,
+        base_path=base_path,
     )
 
 
 def _check_base_for(
-    recipe: Recipe, adapters: Sequence[AdapterInfo], base_model: str | None
-) -> None:
-    """output: model needs a local base; a local base must have every adapter's shapes."""
-    if recipe.output == "model" and not (base_model and os.path.isdir(base_model)):
-        raise RecipeError(
-            f"output: model needs the base model as a local directory; base_model is "
-            f"{base_model!r}. Set `base_model:` to a local copy of the base model."
-        )
-    if base_model and (shapes := _base_shapes(base_model)) is not None:
+    recipe: Recipe,
+    adapters: Sequence[AdapterInfo],
+    base_model: str | None,
+    status: str | None,
+    cache_dir: str | None,
+) -> str | None:
+    """The base's local directory (see ``MergePlan.base_path``), after checking every
+    adapter's shapes against it. output: model needs the base's weights: a local directory,
+    or a hub id whose snapshot is in the local Hugging Face cache (never downloaded)."""
+    path = base_model if base_model and status == "local" else None
+    if recipe.output == "model":
+        if base_model is None or status in ("missing", "file"):
+            where = (
+                "no base model is named"
+                if base_model is None
+                else (f"base model {base_model!r} is not on this machine")
+            )
+            raise RecipeError(
+                f"output: model needs the base model's weights, but {where}. Set `base_model:` "
+                "to a local copy of the base model, or to its hub id in the local cache"
+            )
+        if path is None:
+            path = cached_base_snapshot(base_model, cache_dir)
+        _check_base_weights(base_model, path)
+    if path is not None and (shapes := _base_shapes(path)) is not None:
         from mergekit_ctm.adapters.peft_lora import check_against_base
 
         for i, info in enumerate(adapters):
@@ -717,6 +738,50 @@ def _check_base_for(
                 check_against_base(info, shapes)
             except AdapterError as exc:
                 raise RecipeError(f"models[{i}]: {exc}") from None
+    return path
+
+
+def cached_base_snapshot(ref: str, cache_dir: str | None = None) -> str:
+    """The snapshot directory of hub id ``owner/name[@revision]`` in the local Hugging Face
+    cache (``huggingface_hub.snapshot_download(local_files_only=True)``: never the network).
+    Not cached: RecipeError naming the id and the fix."""
+    repo, _, revision = ref.partition("@")
+    try:
+        import huggingface_hub
+
+        return huggingface_hub.snapshot_download(
+            repo, revision=revision or None, cache_dir=cache_dir, local_files_only=True
+        )
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RecipeError(
+            f"output: model: base model {ref!r} is not in the local Hugging Face cache "
+            f"({reason}); download it first (`hf download {repo}"
+            + (f" --revision {revision}" if revision else "")
+            + "`) or set `base_model:` to a local directory"
+        ) from None
+
+
+def _check_base_weights(ref: str, path: str) -> None:
+    """The base directory has safetensors or .bin weights, every shard of its index present
+    (a cache may hold only a model's config.json)."""
+    from mergekit.io import ShardedTensorIndex
+
+    fix = "download the whole model, or set `base_model:` to a local directory that has it"
+    try:
+        index = ShardedTensorIndex.from_disk(path)
+    except Exception:
+        raise RecipeError(
+            f"output: model: base model {ref!r} has no weights at {path} (no model.safetensors, "
+            f"pytorch_model.bin or their .index.json); {fix}"
+        ) from None
+    shards = set(index.tensor_paths.values())
+    missing = sorted(f for f in shards if not os.path.isfile(os.path.join(path, f)))
+    if missing:
+        raise RecipeError(
+            f"output: model: base model {ref!r} lacks shard(s) {', '.join(missing[:3])} at "
+            f"{path}; {fix}"
+        )
 
 
 def _module_plan(

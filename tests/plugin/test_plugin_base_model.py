@@ -133,7 +133,11 @@ def test_missing_base_from_adapter_configs_is_a_note(moved_base, tmp_path):
     assert (out / "adapter_model.safetensors").exists()
     # a full model output does
     msg = _err({**recipe, "output": "model"})
-    assert "output: model needs the base model as a local directory" in msg
+    assert msg == (
+        "output: model needs the base model's weights, but base model "
+        "'/trainer/home/models/tiny-llama' is not on this machine. Set `base_model:` to a local "
+        "copy of the base model, or to its hub id in the local cache"
+    )
 
 
 def test_base_of_base_plus_adapter_must_exist(example):
