@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,50 @@ def module_peak_bytes(plan: MergePlan, module: ModulePlan) -> int:
     return factors + out + work
 
 
+def model_output_bytes(plan: MergePlan, *, streaming: bool = True) -> tuple[int, int, int]:
+    """(largest tensor's working set, merged factors held, write buffer) of output: model.
+
+    The Executor runs every module's merge before it reads base tensors (its schedule puts
+    the chunks' labels first) and keeps the merged factors (B, A in the math dtype) until the
+    base tensor they update is written: Σ k·(n + m) bytes. Then one base tensor at a time is
+    in flight: read (its dtype), for a merged module also cast to the math dtype, B A and the
+    sum in the math dtype, the cast back, and the cast to ``out_dtype``. The streaming writer
+    holds nothing (``streaming=False``: mergekit's TensorWriter holds the whole output of a
+    model below the default 5B shard size)."""
+    from mergekit.common import dtype_from_name
+
+    from mergekit_ctm.plan.run import base_tensors
+
+    tensors = base_tensors(plan.base_path) if plan.output == "model" and plan.base_path else None
+    if not tensors:
+        return 0, 0, 0
+    item = 8 if plan.dtype == "float64" else 4
+    out = dtype_from_name(plan.recipe.out_dtype)
+    merged = {m.weight_name for m in plan.modules} | {d.weight_name for d in plan.dense}
+    largest, total = 0, 0
+    for name, (dtype, shape) in tensors.items():
+        numel = math.prod(shape)
+        size = numel * dtype.itemsize
+        cast = numel * out.itemsize if out is not None and out != dtype else 0
+        work = size + cast
+        if name in merged:
+            work += 2 * numel * item + (numel * item if dtype.itemsize != item else 0)
+            work += size if dtype.itemsize != item else 0
+        largest = max(largest, work)
+        total += numel * (out or dtype).itemsize
+    factors = sum(output_rank(plan, m) * (m.n_out + m.m_in) * item for m in plan.modules)
+    return largest, factors, 0 if streaming else total
+
+
+def estimated_peak_bytes(plan: MergePlan, *, streaming: bool = True) -> int:
+    """Peak working memory above the interpreter and torch: the largest module merge, or
+    for output: model the larger of that and its largest tensor, plus the merged factors it
+    holds and the write buffer (:func:`model_output_bytes`)."""
+    merge = max((module_peak_bytes(plan, m) for m in plan.modules), default=0)
+    largest, factors, buffer = model_output_bytes(plan, streaming=streaming)
+    return max(merge, largest) + factors + buffer
+
+
 def describe_plan(plan: MergePlan) -> str:
     """Human-readable plan: inputs, modules, ranks per adapter, output rank, peak memory."""
     lines = [
@@ -51,11 +96,9 @@ def describe_plan(plan: MergePlan) -> str:
     lines.append(f"modules ({len(plan.modules)}):")
     width = max((len(m.name) for m in plan.modules), default=10)
     lines.append(f"  {'module'.ljust(width)}  ranks per adapter        -> out  peak MiB")
-    peak = 0
     for mod in plan.modules:
         ranks = " ".join(f"[{i}]={r}" for i, r in zip(mod.adapters, mod.ranks))
         b = module_peak_bytes(plan, mod)
-        peak = max(peak, b)
         lines.append(
             f"  {mod.name.ljust(width)}  {ranks.ljust(24)} -> {output_rank(plan, mod):>3}"
             f"  {b / 2**20:8.2f}"
@@ -64,8 +107,15 @@ def describe_plan(plan: MergePlan) -> str:
         who = ", ".join(f"[{i}]" for i, _ in d.sources)
         how = "pass through" if len(d.sources) == 1 else f"merged with {d.rule}"
         lines.append(f"  {d.weight_name} ({d.role}, {who}): {how}")
+    largest, factors, _ = model_output_bytes(plan)
+    what = "one module at a time"
+    if largest:
+        what += (
+            f"; output: model: {largest / 2**20:.2f} MiB for its largest tensor in flight and "
+            f"{factors / 2**20:.2f} MiB of merged factors held until applied, streamed to disk"
+        )
     lines.append(
-        f"estimated peak working memory: {peak / 2**20:.2f} MiB (one module at a time, "
+        f"estimated peak working memory: {estimated_peak_bytes(plan) / 2**20:.2f} MiB ({what}, "
         "plus the interpreter and torch)"
     )
     lines += [f"note: {n}" for n in plan.notes]

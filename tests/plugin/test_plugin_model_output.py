@@ -4,6 +4,7 @@ cache without the network."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -243,3 +244,35 @@ def test_bin_base_streams_and_unsafe_serialization_uses_mergekits_writer(bf16, t
     got = torch.load(tmp_path / "c" / "pytorch_model.bin")
     want = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_validate_estimate_counts_what_output_model_holds(bf16):
+    """validate's estimate of output: model: nothing extra for an adapter; for a model, the
+    largest tensor's working set (more for a merged tensor than a copied one, more with a
+    cast to out_dtype) plus the merged factors; mergekit's writer would add the whole output."""
+    from mergekit_ctm.cli.report import describe_plan, estimated_peak_bytes, model_output_bytes
+
+    recipe = yaml.safe_load(_recipe(bf16, bf16["base"]))
+    adapter = build_plan({**recipe, "output": "adapter"})
+    model = build_plan(recipe)
+    assert model_output_bytes(adapter) == (0, 0, 0)
+    largest, factors, buffer = model_output_bytes(model)
+    assert buffer == 0 and factors > 0
+    numel = 128 * 64  # lm_head (merged densely) and up_proj (merged): the largest tensors
+    assert largest == numel * 2 + numel * 2 + 3 * numel * 4  # bf16 read, cast back; f32 work
+    assert estimated_peak_bytes(model) == max(estimated_peak_bytes(adapter), largest) + factors
+    assert f"output: model: {largest / 2**20:.2f} MiB for its largest tensor" in (
+        describe_plan(model)
+    )
+
+    copied = dataclasses.replace(model, modules=(), dense=())  # every tensor copied
+    assert model_output_bytes(copied) == (numel * 2, 0, 0)
+    wide = build_plan({**recipe, "out_dtype": "float32"})
+    assert model_output_bytes(wide)[0] == largest + numel * 4
+    _, _, whole = model_output_bytes(model, streaming=False)
+    size = sum(
+        t.numel() * t.element_size()
+        for t in load_file(str(Path(bf16["base"]) / "model.safetensors")).values()
+    )
+    assert whole == size
+    assert estimated_peak_bytes(model, streaming=False) == estimated_peak_bytes(model) + size
