@@ -225,6 +225,10 @@ class StreamingWriter:
                 os.close(fd)
             self._fds.clear()
 
+    def __del__(self) -> None:  # a failed merge drops the writer without finalize
+        if getattr(self, "_fds", None):
+            self.close()
+
     def finalize(self) -> None:
         missing = [s.name for s in self.layout.slots if s.name not in self._done]
         if missing:

@@ -276,3 +276,29 @@ def test_validate_estimate_counts_what_output_model_holds(bf16):
     )
     assert whole == size
     assert estimated_peak_bytes(model, streaming=False) == estimated_peak_bytes(model) + size
+
+
+def test_failure_mid_write_leaves_no_output_and_no_open_file(bf16, tmp_path, monkeypatch):
+    """A merge that fails after some tensors were streamed: no output directory, no staging
+    left behind, and the shard files the writer had open are closed."""
+    import gc
+
+    from mergekit_ctm.plan.tasks import ApplyDelta
+
+    calls = []
+    real = ApplyDelta.execute
+
+    def failing(self, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(self, **kw)
+
+    monkeypatch.setattr(ApplyDelta, "execute", failing)
+    fds = len(os.listdir("/proc/self/fd"))
+    text = _recipe(bf16, bf16["base"])
+    with pytest.raises(RuntimeError, match="boom"):
+        run_adapter_merge(text, str(tmp_path / "out"), MergeOptions(quiet=True), config_source=text)
+    gc.collect()
+    assert os.listdir(tmp_path) == []
+    assert len(os.listdir("/proc/self/fd")) == fds
