@@ -302,3 +302,17 @@ def test_failure_mid_write_leaves_no_output_and_no_open_file(bf16, tmp_path, mon
     gc.collect()
     assert os.listdir(tmp_path) == []
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_model_output_reproduces_from_its_config_byte_for_byte(bf16, tmp_path):
+    """out/mergekit_config.yml (rule defaults written out) merged again gives every file of
+    out/ byte for byte, the shards included."""
+    text = _recipe(bf16, bf16["base"])
+    opts = MergeOptions(quiet=True, random_seed=3, out_shard_size=40_000)
+    run_adapter_merge(text, str(tmp_path / "a"), opts, config_source=text)
+    again = (tmp_path / "a" / "mergekit_config.yml").read_text()
+    assert "normalize: true" in again and "int8_mask: false" in again  # ties' defaults
+    run_adapter_merge(again, str(tmp_path / "b"), MergeOptions(quiet=True, out_shard_size=40_000))
+    files = {p.name: p.read_bytes() for p in sorted((tmp_path / "a").iterdir())}
+    assert len([n for n in files if n.endswith(".safetensors")]) > 2
+    assert files == {p.name: p.read_bytes() for p in sorted((tmp_path / "b").iterdir())}
