@@ -752,11 +752,13 @@ def cached_base_snapshot(ref: str, cache_dir: str | None = None) -> str:
         return huggingface_hub.snapshot_download(
             repo, revision=revision or None, cache_dir=cache_dir, local_files_only=True
         )
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    except Exception:
+        from huggingface_hub import constants
+
         raise RecipeError(
             f"output: model: base model {ref!r} is not in the local Hugging Face cache "
-            f"({reason}); download it first (`hf download {repo}"
+            f"({cache_dir or constants.HF_HUB_CACHE}); the merge never downloads it: download "
+            f"it first (`hf download {repo}"
             + (f" --revision {revision}" if revision else "")
             + "`) or set `base_model:` to a local directory"
         ) from None
