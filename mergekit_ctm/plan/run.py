@@ -207,18 +207,21 @@ def base_tensors(base_path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]
 
 
 def model_writer(
-    plan: MergePlan, out_path: str, options: MergeOptions, names: list[str]
+    plan: MergePlan,
+    out_path: str,
+    options: MergeOptions,
+    names: list[str],
+    base: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None,
 ) -> TensorWriterTask:
     """The writer of output: model. Safetensors output streams (plan/stream.py): each tensor
     is written at its planned offset as it is produced, so memory does not grow with the
     shard size and --out-shard-size only sets how the files are split. ``--no-safe-
     serialization`` (torch.save needs a whole shard in memory) and a base with a dtype that
     safetensors has no code for use mergekit's TensorWriter, which holds up to
-    --out-shard-size bytes."""
+    --out-shard-size bytes. ``base``: :func:`base_tensors` of the base."""
     from mergekit_ctm.plan.stream import StreamingWriterTask, plan_layout
 
-    base = base_tensors(plan.base_path) if options.safe_serialization else None
-    if base is not None:
+    if base is not None and options.safe_serialization:
         out = dtype_from_name(plan.recipe.out_dtype)
         specs = [(n, out or base[n][0], base[n][1]) for n in names]
         return StreamingWriterTask(
@@ -249,7 +252,8 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
     base_ref = ModelReference.parse(base_path)
     index = ShardedTensorIndex.from_disk(base_path)
     names = list(index.tensor_paths)
-    writer = model_writer(plan, out_path, options, names)
+    base = base_tensors(base_path)
+    writer = model_writer(plan, out_path, options, names, base)
     by_weight: dict[str, Task] = {}
     merges = merge_tasks(plan)
     for module in plan.modules:
@@ -269,12 +273,10 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
             "the adapters were trained on another base model"
         )
     dense_dtype: dict[str, str | None] = {}
-    if plan.dense:
-        base = base_tensors(base_path) or {}
-        for dense in plan.dense:
-            by_weight[dense.weight_name] = _dense_task(plan, dense, base_names)
-            dt = base.get(dense.weight_name, (None,))[0]
-            dense_dtype[dense.weight_name] = str(dt).removeprefix("torch.") if dt else None
+    for dense in plan.dense:
+        by_weight[dense.weight_name] = _dense_task(plan, dense, base_names)
+        dt = (base or {}).get(dense.weight_name, (None,))[0]
+        dense_dtype[dense.weight_name] = str(dt).removeprefix("torch.") if dt else None
     saves = []
     for name in names:
         task = by_weight.get(name) or LoadTensor(model=base_ref, tensor=name)
