@@ -4,7 +4,10 @@ Shipped as a top-level module and imported from ``mergekit_ctm.pth`` at interpre
 it must stay cheap: it imports only ``sys``, ``os`` and ``importlib`` (no torch, no mergekit).
 
 ``install()`` puts a finder on ``sys.meta_path``. The finder lets the normal machinery locate
-three mergekit modules and runs our code right after each has executed:
+four mergekit modules and runs our code right after each has executed:
+
+- ``mergekit.config``: give ``MergeConfiguration`` an optional ``output`` field, so the
+  recipe key survives mergekit's configuration model for every caller.
 
 - ``mergekit.merge_methods`` (the package, whose ``__init__`` imports the registry): register
   the ``ctm``, ``core_space``, ``mtc`` and ``lora_lego`` methods and the matrix rules.
@@ -31,7 +34,12 @@ ENV_DISABLE = "MERGEKIT_CTM_DISABLE"
 
 
 # Modules of mergekit after whose execution mergekit_ctm.integration.CALLBACKS[name] runs.
-_HOOKED = ("mergekit.merge_methods", "mergekit.merge", "mergekit.scripts.run_yaml")
+_HOOKED = (
+    "mergekit.config",
+    "mergekit.merge_methods",
+    "mergekit.merge",
+    "mergekit.scripts.run_yaml",
+)
 
 
 def _run_callback(name: str, module: Any) -> None:

@@ -26,6 +26,13 @@ def _register() -> None:
     register_methods()
 
 
+def on_config(module: Any) -> None:
+    """mergekit.config was imported: MergeConfiguration keeps ``output:`` (output_field.py)."""
+    from mergekit_ctm.integration.output_field import add_output_field
+
+    add_output_field(module.MergeConfiguration)
+
+
 def on_merge_methods(module: Any) -> None:
     """mergekit.merge_methods was imported: register our methods."""
     _register()
@@ -48,6 +55,7 @@ def on_run_yaml(module: Any) -> None:
 
 
 CALLBACKS = {
+    "mergekit.config": on_config,
     "mergekit.merge_methods": on_merge_methods,
     "mergekit.merge": on_merge,
     "mergekit.scripts.run_yaml": on_run_yaml,

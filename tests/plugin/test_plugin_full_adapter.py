@@ -1,0 +1,235 @@
+"""``output: adapter`` for full fine-tuned checkpoints, through the stock mergekit-yaml:
+
+- the adapter loads with ``PeftModel.from_pretrained(base, out)`` and its forward equals the
+  forward of the ``output: model`` merge of the same recipe and seed;
+- each written B·A equals an independent float64 computation (exact truncated SVD of each
+  ΔWₜ, then the engine) and W_model − W_base of the model merge;
+- what a LoRA cannot hold (norms, embeddings, lm_head) is listed in the card with its size;
+- the same recipe and seed give the same bytes; bad combinations fail in one line, first.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from reliability import run_command, tree, write_yaml
+from test_plugin_full_checkpoints import _load, _reference
+
+F64 = torch.float64
+N_TASKS = 3
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _build(root: Path, dense: bool) -> dict:
+    """A tiny Llama base (shards) and three full fine-tunes: every linear weight moved by a
+    task-specific low-rank update plus a small dense part; with ``dense`` the norms, the
+    embeddings and lm_head move too, else they equal the base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = LlamaForCausalLM(cfg)
+        base.save_pretrained(root / "base", max_shard_size="60KB")
+        g = torch.Generator().manual_seed(1)
+        tasks = []
+        for t in range(N_TASKS):
+            state = {}
+            for name, w in base.state_dict().items():
+                linear = w.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
+                if linear:
+                    n, m = w.shape
+                    low = torch.randn(n, 6, generator=g) @ torch.randn(6, m, generator=g)
+                    dw = 0.02 * low / 6**0.5 + 0.002 * torch.randn(n, m, generator=g)
+                else:
+                    dw = 0.05 * torch.randn(w.shape, generator=g) * float(dense)
+                state[name] = w + dw
+            model = LlamaForCausalLM(cfg)
+            model.load_state_dict(state)
+            model.save_pretrained(root / f"task{t}", max_shard_size="80KB")
+            tasks.append(root / f"task{t}")
+    return {"root": root, "base": root / "base", "tasks": tasks}
+
+
+@pytest.fixture(scope="module")
+def linear_only(tmp_path_factory) -> dict:
+    return _build(tmp_path_factory.mktemp("linear_only"), dense=False)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> dict:
+    return _build(tmp_path_factory.mktemp("dense"), dense=True)
+
+
+def _recipe(ck: dict, params: dict, per_model: dict | None, output: str | None) -> dict:
+    recipe = {
+        "merge_method": "ctm",
+        "base_model": str(ck["base"]),
+        "models": [
+            {"model": str(t), **({"parameters": dict(per_model)} if per_model else {})}
+            for t in ck["tasks"]
+        ],
+        "parameters": params,
+        "dtype": "float32",
+    }
+    if output:
+        recipe["output"] = output
+    return recipe
+
+
+def _merge(ck: dict, tmp: Path, name: str, recipe: dict, *extra: str) -> Path:
+    write_yaml(tmp / f"{name}.yml", recipe)
+    res = run_command([str(tmp / f"{name}.yml"), str(tmp / name), "--quiet", *extra], tmp)
+    assert res.code == 0 and not res.traceback, (res.stderr, res.exception)
+    return tmp / name
+
+
+def _lora_deltas(base: Path, out: Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """PeftModel.from_pretrained(base, out) and each module's ΔW as PEFT computes it."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(out)).eval()
+    deltas = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and "default" in getattr(mod, "lora_A", {}):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            deltas[key] = mod.get_delta_weight("default").detach().to(F64)
+    return model, deltas
+
+
+CASES = [
+    ({"base_rule": "ties", "rank": 8, "beta": 0.5}, {"weight": 1.0, "density": 0.5}),
+    ({"base_rule": "dare_ties", "rank": 6, "task_rank": 8}, {"weight": 1.0, "density": 0.7}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params,per_model", CASES, ids=["ties", "dare_ties"])
+def test_adapter_forward_equals_model_forward(linear_only, tmp_path, params, per_model):
+    """The issue's check: the adapter's forward through PEFT equals the full model's."""
+    from transformers import AutoModelForCausalLM
+
+    ck = linear_only
+    seed = ("--random-seed", "7")  # DARE draws: the same per-tensor seeds in both outputs
+    out_a = _merge(ck, tmp_path, "adapter", _recipe(ck, params, per_model, "adapter"), *seed)
+    out_m = _merge(ck, tmp_path, "model", _recipe(ck, params, per_model, "model"), *seed)
+
+    files = sorted(p.name for p in out_a.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                     "mergekit_config.yml"]  # fmt: skip
+    cfg = json.loads((out_a / "adapter_config.json").read_text())
+    assert cfg["r"] == params["rank"] and cfg["lora_alpha"] == params["rank"]
+    assert sorted(cfg["target_modules"]) == sorted(LINEAR)
+    assert cfg["base_model_name_or_path"] == str(ck["base"]) and not cfg["use_rslora"]
+
+    peft_model, deltas = _lora_deltas(ck["base"], out_a)
+    base, model = _load(ck["base"]), _load(out_m)
+    assert len(deltas) == 2 * len(LINEAR)
+    for name, got in deltas.items():
+        want = model[name].to(F64) - base[name].to(F64)
+        err = (got - want).norm() / want.norm()
+        assert err < 1e-5, f"{name}: B·A vs W_model − W_base, relative {err:.2e}"
+    for name in set(base) - set(deltas):  # nothing else moved in these fine-tunes
+        assert torch.equal(model[name], base[name]), name
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = AutoModelForCausalLM.from_pretrained(out_m, dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = peft_model(input_ids=ids).logits, full(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    if params["base_rule"] == "ties":  # deterministic rule: an independent float64 check
+        for name, got in deltas.items():
+            ref = _reference(ck, "ctm", params, per_model, name) - base[name].to(F64)
+            err = (got - ref).norm() / ref.norm()
+            assert err < 1e-4, f"{name}: B·A vs float64 reference, relative {err:.2e}"
+
+
+@pytest.mark.slow
+def test_adapter_card_lists_what_a_lora_cannot_hold_and_bytes_repeat(dense, tmp_path):
+    ck = dense
+    params = {"base_rule": "task_arithmetic", "rank": 4, "beta": 0.5}
+    recipe = _recipe(ck, params, None, "adapter")
+    out = _merge(ck, tmp_path, "a1", recipe, "--random-seed", "1")
+    again = _merge(ck, tmp_path, "a2", recipe, "--random-seed", "1")
+    assert tree(out) == tree(again)
+
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "## Not in this adapter" in card
+    base = _load(ck["base"])
+    # task_arithmetic, weight 1, lambda 1: the dense merged update is the sum of the deltas
+    name = "model.norm.weight"
+    delta = sum(_load(t)[name].to(F64) - base[name].to(F64) for t in ck["tasks"])
+    rel = float(delta.norm() / base[name].to(F64).norm())
+    assert f"| `{name}` | 1 | max {rel:.3g}, median {rel:.3g} |" in card, card
+    for group, count in (("model.layers.*.input_layernorm.weight", 2),
+                         ("model.embed_tokens.weight", 1), ("lm_head.weight", 1)):  # fmt: skip
+        assert f"| `{group}` | {count} | max " in card, group
+    written = (out / "mergekit_config.yml").read_text()
+    assert "output: adapter" in written and "random seed: 1" in written
+
+    # the recorded recipe redoes the merge byte for byte
+    res = run_command([str(out / "mergekit_config.yml"), str(tmp_path / "a3"), "--quiet",
+                       "--random-seed", "1"], tmp_path)  # fmt: skip
+    assert res.code == 0, res.stderr
+    assert tree(tmp_path / "a3") == tree(out)
+
+
+@pytest.mark.slow
+def test_full_adapter_through_run_merge_without_config_source(linear_only, tmp_path):
+    """Python's run_merge with only MergeConfiguration: `output:` survives it."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    ck = linear_only
+    recipe = _recipe(ck, {"base_rule": "task_arithmetic", "rank": 4}, None, "adapter")
+    config = MergeConfiguration.model_validate(recipe)
+    assert config.output == "adapter"
+    run_merge(config, str(tmp_path / "out"), MergeOptions(quiet=True))
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and not (tmp_path / "out" / "config.json").exists()
+
+
+BAD = [
+    ({"merge_method": "linear", "output": "adapter"}, "output: adapter needs merge_method"),
+    ({"slices": "x"}, "`slices:` builds a model of another shape"),
+    ({"tokenizer_source": "union"}, "keeps the base model's vocabulary"),
+    ({"output": "lora"}, "output"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=["stock", "slices", "tokenizer", "value"])
+def test_bad_output_adapter_recipes_fail_in_one_line_before_any_work(
+    linear_only, tmp_path, change, message
+):
+    ck = linear_only
+    recipe = _recipe(ck, {"base_rule": "task_arithmetic", "rank": 4}, {"weight": 1.0}, "adapter")
+    if "slices" in change:
+        n = 2
+        recipe.pop("models")
+        recipe["slices"] = [{"sources": [{"model": str(t), "layer_range": [0, n]}
+                                         for t in ck["tasks"]]}]  # fmt: skip
+    else:
+        recipe.update(change)
+    write_yaml(tmp_path / "r.yml", recipe)
+    res = run_command([str(tmp_path / "r.yml"), str(tmp_path / "out")], tmp_path)
+    assert res.code == 2 and not res.traceback, (res.stderr, res.exception)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert not (tmp_path / "out").exists()
