@@ -4,7 +4,7 @@ Shipped as a top-level module and imported from ``mergekit_ctm.pth`` at interpre
 it must stay cheap: it imports only ``sys``, ``os`` and ``importlib`` (no torch, no mergekit).
 
 ``install()`` puts a finder on ``sys.meta_path``. The finder lets the normal machinery locate
-four mergekit modules and runs our code right after each has executed:
+five mergekit modules and runs our code right after each has executed:
 
 - ``mergekit.config``: give ``MergeConfiguration`` an optional ``output`` field, so the
   recipe key survives mergekit's configuration model for every caller.
@@ -16,6 +16,7 @@ four mergekit modules and runs our code right after each has executed:
   must be in place before that module body returns.
 - ``mergekit.scripts.run_yaml``: wrap the ``mergekit-yaml`` command so that bad recipes and
   failed merges end in one line instead of a traceback.
+- ``mergekit.scripts.multimerge``: the same for ``mergekit-multi``.
 
 ``MERGEKIT_CTM_DISABLE=1`` turns the startup hook off (``mergekit_ctm.install()`` still works).
 What runs after each module is ``mergekit_ctm.integration.CALLBACKS``.
@@ -39,6 +40,7 @@ _HOOKED = (
     "mergekit.merge_methods",
     "mergekit.merge",
     "mergekit.scripts.run_yaml",
+    "mergekit.scripts.multimerge",
 )
 
 

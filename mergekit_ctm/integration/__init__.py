@@ -54,9 +54,18 @@ def on_run_yaml(module: Any) -> None:
     _register()
 
 
+def on_multimerge(module: Any) -> None:
+    """mergekit.scripts.multimerge was imported: one-line errors for mergekit-multi."""
+    from mergekit_ctm.integration.dispatch import wrap_multimerge
+
+    wrap_multimerge(module)
+    _register()
+
+
 CALLBACKS = {
     "mergekit.config": on_config,
     "mergekit.merge_methods": on_merge_methods,
     "mergekit.merge": on_merge,
     "mergekit.scripts.run_yaml": on_run_yaml,
+    "mergekit.scripts.multimerge": on_multimerge,
 }

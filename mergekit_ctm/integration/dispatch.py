@@ -274,3 +274,34 @@ def wrap_run_yaml(module: Any) -> None:
 
     setattr(callback, _MARK, original)
     command.callback = callback
+
+
+def wrap_multimerge(module: Any) -> None:
+    """Make ``mergekit-multi`` (mergekit.scripts.multimerge.main) end a bad stage in one line
+    (idempotent): exit 2 for bad input (our recipe checks, mergekit's validation errors),
+    1 for an OS error. Stages run through ``run_merge``, hence our dispatch."""
+    command = module.main
+    original = command.callback
+    if hasattr(original, _MARK):
+        return
+
+    @functools.wraps(original)
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        import pydantic
+
+        from mergekit_ctm.errors import one_line_errors
+
+        with one_line_errors("mergekit-multi"):
+            try:
+                return original(*args, **kwargs)
+            except pydantic.ValidationError as exc:
+                from mergekit_ctm.recipe.model import RecipeError
+
+                first = exc.errors()[0]
+                loc = ".".join(str(p) for p in first.get("loc", ())) or "recipe"
+                raise RecipeError(
+                    f"{kwargs.get('config_file')}: invalid recipe: {loc}: {first.get('msg')}"
+                ) from None
+
+    setattr(callback, _MARK, original)
+    command.callback = callback

@@ -152,3 +152,28 @@ def test_mergekit_multi_with_output_model_and_a_full_checkpoint_stage(example, t
     assert set(out) == set(base)
     for name, w in out.items():
         torch.testing.assert_close(w, 0.25 * stage2[name] + 0.75 * base[name], rtol=1e-6, atol=1e-7)
+
+
+def test_mergekit_multi_bad_stage_fails_in_one_line(example, tmp_path):
+    """output: adapter on a stock method, in a mergekit-multi stage: exit 2, one line."""
+    from mergekit.scripts.multimerge import main
+
+    doc = {
+        "merge_method": "linear",
+        "models": [{"model": example["base"], "parameters": {"weight": 1.0}}],
+        "dtype": "float32",
+        "output": "adapter",
+    }
+    write_yaml(tmp_path / "multi.yml", doc)
+    res = CliRunner().invoke(
+        main,
+        [str(tmp_path / "multi.yml"), "--out-path", str(tmp_path / "final"), "-I",
+         str(tmp_path / "inter")],
+        catch_exceptions=True,
+    )  # fmt: skip
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.exception
+    # mergekit-multi's own progress bar ("Merging models") ignores --quiet; the rest is one line
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "Merging models" not in ln]
+    assert lines == [lines[0]] and "output: adapter needs merge_method" in lines[0], res.stderr
+    assert lines[0].startswith("mergekit-multi: error: ")
+    assert not (tmp_path / "final").exists()
