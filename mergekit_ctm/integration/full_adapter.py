@@ -253,8 +253,7 @@ class FinalizeFullAdapter(Task[dict]):
                 "output: adapter: every linear layer's merged update is zero (the fine-tunes "
                 "equal the base there, or their updates cancel): there is no LoRA to write"
             )
-        requested = [r for _, _, r in produced if r > 0]
-        r = self.rank or (max(requested) if requested else max(ranks.values()))
+        r = self.rank or max(ranks.values())  # core_space without rank: Σ task ranks
         config = build_adapter_config(
             ranks,
             rank=r,
