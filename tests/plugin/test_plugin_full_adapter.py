@@ -233,3 +233,64 @@ def test_bad_output_adapter_recipes_fail_in_one_line_before_any_work(
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_gpt2_conv1d_layers_become_a_fan_in_fan_out_lora(tmp_path):
+    """GPT-2's Conv1D stores W as (in, out): the LoRA is written for PEFT's fan_in_fan_out
+    layout, and its forward equals the output: model forward."""
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
+                     bos_token_id=0, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = GPT2LMHeadModel(cfg)
+        base.save_pretrained(tmp_path / "base")
+        for t in range(2):
+            state = {}
+            for n, w in base.state_dict().items():
+                conv = w.ndim == 2 and not any(x in n for x in ("wte", "wpe", "lm_head"))
+                state[n] = w + 0.02 * torch.randn(w.shape, generator=g) * float(conv)
+            model = GPT2LMHeadModel(cfg)
+            model.load_state_dict(state)
+            model.save_pretrained(tmp_path / f"t{t}")
+    ck = {"base": tmp_path / "base", "tasks": [tmp_path / "t0", tmp_path / "t1"]}
+    params = {"base_rule": "task_arithmetic", "rank": 4}
+    out_a = _merge(ck, tmp_path, "adapter", _recipe(ck, params, None, "adapter"))
+    out_m = _merge(ck, tmp_path, "model", _recipe(ck, params, None, "model"))
+    cfg_a = json.loads((out_a / "adapter_config.json").read_text())
+    assert cfg_a["fan_in_fan_out"] and sorted(cfg_a["target_modules"]) == ["c_attn", "c_fc",
+                                                                          "c_proj"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(
+            GPT2LMHeadModel.from_pretrained(ck["base"]), str(out_a)
+        ).eval()
+        full = GPT2LMHeadModel.from_pretrained(out_m).eval()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = peft_model(input_ids=ids).logits, full(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    base_logits = GPT2LMHeadModel.from_pretrained(ck["base"]).eval()(input_ids=ids).logits
+    assert (base_logits - want).abs().max() > 1e-3  # the merge moved the model
+
+
+def test_fine_tunes_equal_to_the_base_write_nothing(linear_only, tmp_path):
+    """Every linear layer's merged update is zero: one error line, no output directory."""
+    import shutil
+
+    tasks = [tmp_path / "t0", tmp_path / "t1"]
+    for t in tasks:
+        shutil.copytree(linear_only["base"], t)
+    ck = {"base": linear_only["base"], "tasks": tasks}
+    recipe = _recipe(ck, {"base_rule": "task_arithmetic", "rank": 4}, None, "adapter")
+    write_yaml(tmp_path / "r.yml", recipe)
+    res = run_command([str(tmp_path / "r.yml"), str(tmp_path / "out"), "--quiet"], tmp_path)
+    assert res.code == 2 and not res.traceback, (res.stderr, res.exception)
+    assert "merged update is zero" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml", "t0", "t1"]  # no staging
