@@ -90,11 +90,20 @@ def check_output_kind(merge_config: Any, config_source: str | None = None) -> st
     method writes, so any method takes it (a ``mergekit-multi`` stage may say it uniformly);
     ``output: adapter`` needs one of our methods: a stock method's merge is not low-rank."""
     from mergekit_ctm.integration.output_field import OUTPUT_KINDS, output_of
+    from mergekit_ctm.recipe.model import RecipeError
 
     output = output_of(merge_config, config_source)
+    if isinstance(merge_config, dict):
+        keep = merge_config.get("modules_to_save")
+    else:
+        keep = getattr(merge_config, "modules_to_save", None)
+    if keep is not None and output != "adapter":
+        raise RecipeError(
+            "modules_to_save: applies to output: adapter only (it keeps whole modules, e.g. "
+            "embed_tokens, lm_head, in the adapter); output: model writes every tensor"
+        )
     if output is None:
         return None
-    from mergekit_ctm.recipe.model import RecipeError
 
     if output not in OUTPUT_KINDS:
         raise RecipeError(f"output: {output!r} is not one of {', '.join(OUTPUT_KINDS)}")

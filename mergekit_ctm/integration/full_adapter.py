@@ -9,7 +9,9 @@ gradients, lazy sharded loading, ``--cuda``); only the last step differs:
     linear weight (nn.Linear, GPT-2 Conv1D), no vocabulary axis:
         full_update(...) ─► (A, B) ─► lora_A, lora_B   (scaling 1, same seed as output: model)
     everything else (norms, biases, embeddings, lm_head, other 2-D tensors):
-        left out; the card lists ‖ΔW_merged‖_F / ‖W_base‖_F per group of tensors
+        left out; the card lists ‖ΔW_merged‖_F / ‖W_base‖_F per group of tensors;
+        or, for modules named in ``modules_to_save:``, the merged tensor itself, saved as
+        PEFT saves modules_to_save (``base_model.model.<parameter path>``)
 
 So ``PeftModel.from_pretrained(base, out)`` gives W_base + B A in every linear layer, the same
 weights ``output: model`` writes there. Tasks stream tensor by tensor on mergekit's Executor;
@@ -33,7 +35,7 @@ from mergekit.io.tasks import SaveTensor, TensorWriterTask
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 
-from mergekit_ctm.adapters.peft_lora import stores_transposed, swap_layout
+from mergekit_ctm.adapters.peft_lora import PEFT_PREFIX, stores_transposed, swap_layout
 from mergekit_ctm.adapters.writer import (
     build_adapter_config,
     consolidate_shards,
@@ -56,9 +58,19 @@ class LinearModule:
     kind: str = "linear"
 
 
-def linear_modules(config: Any, trust_remote_code: bool = False) -> dict[str, LinearModule]:
-    """Module path -> LinearModule for every nn.Linear / Conv1D of the base architecture,
-    built on the meta device (no weight is read or allocated)."""
+@dataclass(frozen=True)
+class BaseLayout:
+    """What the adapter needs to know of the base architecture: its LoRA-able modules, every
+    module path (PEFT's matching) and every parameter path (tied ones included)."""
+
+    linear: dict[str, LinearModule]
+    modules: tuple[str, ...]
+    parameters: tuple[str, ...]
+
+
+def base_layout(config: Any, trust_remote_code: bool = False) -> BaseLayout:
+    """The base architecture built on the meta device (no weight is read or allocated):
+    every nn.Linear / Conv1D, module and parameter path."""
     import transformers
     from transformers.pytorch_utils import Conv1D
 
@@ -77,26 +89,59 @@ def linear_modules(config: Any, trust_remote_code: bool = False) -> dict[str, Li
             f"output: adapter: cannot build the base architecture {arch!r} to find its linear "
             f"layers ({type(exc).__name__}: {exc}); use output: model"
         ) from None
-    out = {}
+    linear = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            out[name] = LinearModule(name, False)
+            linear[name] = LinearModule(name, False)
         elif isinstance(module, Conv1D):
-            out[name] = LinearModule(name, True)
-    return out
+            linear[name] = LinearModule(name, True)
+    return BaseLayout(
+        linear=linear,
+        modules=tuple(n for n, _ in model.named_modules(remove_duplicate=False) if n),
+        parameters=tuple(n for n, _ in model.named_parameters(remove_duplicate=False)),
+    )
+
+
+def kept_modules(keep: list[str], layout: BaseLayout, lora: set[str]) -> set[str]:
+    """Module paths that PEFT's ``modules_to_save`` matching (a path ending in a listed name)
+    selects; each listed name must select something, and nothing that is or holds one of the
+    ``lora`` module paths."""
+    kept = set()
+    for name in keep:
+        hits = {m for m in layout.modules if m.endswith(name)}
+        if not hits:
+            raise RecipeError(
+                f"modules_to_save: {name!r} matches no module of the base; name modules such as "
+                "embed_tokens, lm_head, norm"
+            )
+        for hit in sorted(hits):
+            inner = sorted(n for n in lora if n == hit or n.startswith(hit + "."))
+            if inner:
+                raise RecipeError(
+                    f"modules_to_save: {name!r} matches {hit}, which is (or holds) the linear "
+                    f"layer {inner[0]} that the LoRA carries; name modules without linear "
+                    "layers, such as embed_tokens, lm_head, norm"
+                )
+        kept |= hits
+    return kept
+
+
+def _by_path(weight: str, paths: Any) -> str | None:
+    """The path in ``paths`` that the checkpoint name ``weight`` denotes: the same path, or the
+    one path ending in it (checkpoints may lack the model's prefix, e.g. GPT-2's
+    ``transformer.``)."""
+    if weight in paths:
+        return weight
+    hits = [p for p in paths if p.endswith("." + weight)]
+    return hits[0] if len(hits) == 1 else None
 
 
 def module_of(weight: str, modules: dict[str, LinearModule]) -> LinearModule | None:
-    """The linear module whose ``weight`` the checkpoint tensor ``weight`` is: the same path, or
-    the one path ending in it (checkpoints may lack the model's prefix, e.g. GPT-2's
-    ``transformer.``)."""
+    """The linear module whose ``weight`` the checkpoint tensor ``weight`` is, if any."""
     if not weight.endswith(".weight"):
         return None
-    owner = weight.removesuffix(".weight")
-    if owner in modules:
-        return modules[owner]
-    hits = [m for name, m in modules.items() if name.endswith("." + owner)]
-    return hits[0] if len(hits) == 1 else None
+    owner = _by_path(weight.removesuffix(".weight"), modules)
+    return modules[owner] if owner is not None else None
 
 
 def bind_group(task: ExecuteMergeMethodTask, tensors: dict) -> tuple[Any, dict[str, Any]]:
@@ -229,6 +274,8 @@ class FinalizeFullAdapter(Task[dict]):
     dropped_tasks: tuple[DroppedTensor, ...]
     rank: int | None
     module_names: tuple[str, ...]
+    modules_to_save: tuple[str, ...]
+    kept: tuple[str, ...]
     fan_in_fan_out: bool
     base_model: str
     out_path: str
@@ -260,13 +307,19 @@ class FinalizeFullAdapter(Task[dict]):
             base_module_names=self.module_names,
             fan_in_fan_out=self.fan_in_fan_out,
             base_model_name_or_path=self.base_model,
-            modules_to_save=(),
+            modules_to_save=self.modules_to_save,
         )
         with open(os.path.join(self.out_path, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         dropped = [kwargs[f"drop_{i}"] for i in range(len(self.dropped_tasks))]
         zero = [m for m, k, _ in produced if k == 0]
-        return {"ranks": ranks, "zero": zero, "dropped": dropped, "config": config}
+        return {
+            "ranks": ranks,
+            "zero": zero,
+            "dropped": dropped,
+            "kept": list(self.kept),
+            "config": config,
+        }
 
 
 def _raw_recipe(merge_config: Any, config_source: str | None) -> dict[str, Any]:
@@ -319,7 +372,19 @@ def plan_full_adapter_tasks(
     ).plan_to_disk(out_path=out_path)
 
     base_ref = merge_config.base_model
-    modules = linear_modules(base_ref.config(options.trust_remote_code), options.trust_remote_code)
+    layout = base_layout(base_ref.config(options.trust_remote_code), options.trust_remote_code)
+    modules = layout.linear
+    keep = list(getattr(merge_config, "modules_to_save", None) or [])
+    items = []  # (planned merge, its weight, the linear module carrying it as a LoRA or None)
+    for item in planned:
+        task = getattr(item, "tensor_task", None) if isinstance(item, SaveTensor) else None
+        if isinstance(task, ExecuteMergeMethodTask):
+            weight = task.output_weight
+            linear = module_of(weight.name, modules) if weight.vocabulary_axis is None else None
+            items.append((task, weight, linear))
+    lora = {m.name for _, _, m in items if m is not None}
+    kept_paths = kept_modules(keep, layout, lora) if keep else set()
+    kept: dict[str, str] = {}  # parameter path -> checkpoint tensor name
     writer = TensorWriterTask(
         out_path=out_path,
         max_shard_size=min(options.out_shard_size, ADAPTER_BUFFER),
@@ -331,14 +396,24 @@ def plan_full_adapter_tasks(
     ranks: list[FactorRank] = []
     dropped: list[DroppedTensor] = []
     used: list[LinearModule] = []
-    for item in planned:
-        task = getattr(item, "tensor_task", None) if isinstance(item, SaveTensor) else None
-        if not isinstance(task, ExecuteMergeMethodTask):
-            continue
-        weight = task.output_weight
-        module = module_of(weight.name, modules) if weight.vocabulary_axis is None else None
+    for task, weight, module in items:
         if module is None:
-            dropped.append(DroppedTensor(source=task))
+            param = _by_path(weight.name, layout.parameters)
+            if param is not None and param.rpartition(".")[0] in kept_paths:
+                # modules_to_save: the merged tensor exactly as output: model writes it
+                kept[param] = weight.name
+                saves.append(
+                    SaveTensor(
+                        tensor_name=PEFT_PREFIX + param,
+                        tensor_task=task,
+                        writer_task=writer,
+                        clone=options.clone_tensors,
+                        optional=weight.optional,
+                        dtype=weight.force_dtype or out_dtype,
+                    )
+                )
+            else:
+                dropped.append(DroppedTensor(source=task))
             continue
         used.append(module)
         factors = FullFactors(source=task)
@@ -360,6 +435,13 @@ def plan_full_adapter_tasks(
             f"output: adapter: base model {str(base_ref)!r} has no linear layer to hold a LoRA; "
             "use output: model"
         )
+    for param in layout.parameters:
+        if param.rpartition(".")[0] in kept_paths and param not in kept:
+            raise RecipeError(
+                f"modules_to_save: parameter {param} has no tensor of its own in the checkpoints "
+                "(tied to another, e.g. lm_head to embed_tokens); list only the module that "
+                "owns it"
+            )
     rank = (merge_config.parameters or {}).get("rank")
     finalize = FinalizeFullAdapter(
         writer_task=writer,
@@ -368,6 +450,8 @@ def plan_full_adapter_tasks(
         dropped_tasks=tuple(dropped),
         rank=rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
         module_names=tuple(modules),
+        modules_to_save=tuple(keep),
+        kept=tuple(kept.values()),
         fan_in_fan_out=any(m.fan_in_fan_out for m in used),
         base_model=str(base_ref),
         out_path=out_path,
@@ -468,6 +552,13 @@ def write_metadata(
     if result["zero"]:
         lines += ["", "Left out, their merged update is zero: "
                   + ", ".join(f"`{m}`" for m in result["zero"]) + "."]  # fmt: skip
+    if result.get("kept"):
+        lines += [
+            "",
+            "Kept in full (`modules_to_save`), merged exactly as `output: model` merges them: "
+            + ", ".join(f"`{n}`" for n in result["kept"])
+            + ".",
+        ]
     if result["dropped"]:
         lines += [
             "",

@@ -1,4 +1,4 @@
-"""``output:`` as a field of mergekit's own ``MergeConfiguration``.
+"""``output:`` (and ``modules_to_save:``) as fields of mergekit's own ``MergeConfiguration``.
 
 mergekit's configuration model ignores unknown keys, so ``output: model`` vanished whenever a
 recipe went through it without its raw text (``mergekit-multi``, Python's ``run_merge`` without
@@ -16,17 +16,23 @@ OUTPUT_KINDS = ("adapter", "model")
 OUTPUT_ANNOTATION = Optional[Literal["adapter", "model"]]  # noqa: UP045 (pydantic, py3.9 safe)
 
 
+MODULES_TO_SAVE_ANNOTATION = Optional[list[str]]  # noqa: UP045
+
+FIELDS = {"output": OUTPUT_ANNOTATION, "modules_to_save": MODULES_TO_SAVE_ANNOTATION}
+
+
 def add_output_field(model: Any) -> None:
-    """Give a pydantic v2 model class (mergekit's MergeConfiguration) an optional ``output``
-    field, default None (idempotent)."""
+    """Give a pydantic v2 model class (mergekit's MergeConfiguration) the optional fields
+    ``output`` and ``modules_to_save`` (full checkpoints with ``output: adapter``), default
+    None (idempotent)."""
     from pydantic.fields import FieldInfo
 
-    if "output" in model.__pydantic_fields__:
+    missing = {k: v for k, v in FIELDS.items() if k not in model.__pydantic_fields__}
+    if not missing:
         return
-    model.__annotations__["output"] = OUTPUT_ANNOTATION
-    model.__pydantic_fields__["output"] = FieldInfo.from_annotated_attribute(
-        OUTPUT_ANNOTATION, None
-    )
+    for name, annotation in missing.items():
+        model.__annotations__[name] = annotation
+        model.__pydantic_fields__[name] = FieldInfo.from_annotated_attribute(annotation, None)
     model.model_rebuild(force=True)
 
 

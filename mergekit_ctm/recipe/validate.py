@@ -847,6 +847,18 @@ def check_full_checkpoint_recipe(raw: Mapping[str, Any]) -> None:
     output = raw.get("output")
     if output not in (None, "model", "adapter"):
         raise RecipeError(f"output: {output!r} is not one of adapter, model")
+    keep = raw.get("modules_to_save")
+    if keep is not None:
+        if output != "adapter":
+            raise RecipeError(
+                "modules_to_save: applies to output: adapter only (it keeps whole modules, "
+                "e.g. embed_tokens, lm_head, in the adapter); output: model writes every tensor"
+            )
+        if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
+            raise RecipeError(
+                f"modules_to_save: must be a list of module names (got {keep!r}), e.g. "
+                "[embed_tokens, lm_head]"
+            )
     if output == "adapter":
         for key in ("slices", "modules"):
             if raw.get(key):

@@ -294,3 +294,60 @@ def test_fine_tunes_equal_to_the_base_write_nothing(linear_only, tmp_path):
     assert "merged update is zero" in res.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml", "t0", "t1"]  # no staging
+
+
+@pytest.mark.slow
+def test_modules_to_save_keeps_embeddings_lm_head_and_norms(dense, tmp_path):
+    """modules_to_save: [embed_tokens, lm_head, norm] (PEFT's matching: every module whose
+    path ends so): the adapter then carries the whole merge, and its forward equals the
+    output: model forward even though norms and embeddings moved in the fine-tunes."""
+    from transformers import AutoModelForCausalLM
+
+    ck = dense
+    params = {"base_rule": "ties", "rank": 8, "beta": 0.5}
+    per = {"weight": 1.0, "density": 0.5}
+    keep = ["embed_tokens", "lm_head", "norm"]
+    out_a = _merge(
+        ck, tmp_path, "a", {**_recipe(ck, params, per, "adapter"), "modules_to_save": keep}
+    )
+    out_m = _merge(ck, tmp_path, "m", _recipe(ck, params, per, "model"))
+    cfg = json.loads((out_a / "adapter_config.json").read_text())
+    assert sorted(cfg["modules_to_save"]) == sorted(keep)
+    card = (out_a / "README.md").read_text()
+    assert "Kept in full" in card and "## Not in this adapter" not in card
+    assert "modules_to_save:" in (out_a / "mergekit_config.yml").read_text()
+
+    peft_model, _ = _lora_deltas(ck["base"], out_a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = AutoModelForCausalLM.from_pretrained(out_m, dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = peft_model(input_ids=ids).logits, full(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # without modules_to_save the same adapter misses the moved norms and embeddings
+    out_b = _merge(ck, tmp_path, "b", _recipe(ck, params, per, "adapter"))
+    lora_only, _ = _lora_deltas(ck["base"], out_b)
+    with torch.no_grad():
+        assert (lora_only(input_ids=ids).logits - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "keep,output,message",
+    [
+        (["q_proj"], "adapter", "which is (or holds) the linear layer"),
+        (["layers"], "adapter", "which is (or holds) the linear layer"),
+        (["embed_tokenz"], "adapter", "matches no module of the base"),
+        (["embed_tokens"], "model", "applies to output: adapter only"),
+        ("embed_tokens", "adapter", "must be a list of module names"),
+    ],
+    ids=["lora-target", "container", "unknown", "model", "not-a-list"],
+)
+def test_bad_modules_to_save_fail_in_one_line(linear_only, tmp_path, keep, output, message):
+    recipe = {**_recipe(linear_only, {"rank": 4}, None, output), "modules_to_save": keep}
+    write_yaml(tmp_path / "r.yml", recipe)
+    res = run_command([str(tmp_path / "r.yml"), str(tmp_path / "out")], tmp_path)
+    assert res.code == 2 and not res.traceback, (res.stderr, res.exception)
+    lines = [line for line in res.stderr.splitlines() if line.strip() and "it/s" not in line]
+    assert message in lines[-1] and lines[-1].startswith("mergekit-yaml: error:"), res.stderr
+    assert not (tmp_path / "out").exists()
