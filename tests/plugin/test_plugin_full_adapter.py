@@ -351,3 +351,25 @@ def test_bad_modules_to_save_fail_in_one_line(linear_only, tmp_path, keep, outpu
     lines = [line for line in res.stderr.splitlines() if line.strip() and "it/s" not in line]
     assert message in lines[-1] and lines[-1].startswith("mergekit-yaml: error:"), res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_modules_to_save_refuses_a_tied_lm_head(tmp_path):
+    """A tied lm_head has no tensor of its own: keeping it would keep the base's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("base", "t0", "t1"):
+            LlamaForCausalLM(cfg).save_pretrained(tmp_path / name)
+    ck = {"base": tmp_path / "base", "tasks": [tmp_path / "t0", tmp_path / "t1"]}
+    recipe = {**_recipe(ck, {"rank": 4}, None, "adapter"), "modules_to_save": ["lm_head"]}
+    write_yaml(tmp_path / "r.yml", recipe)
+    res = run_command([str(tmp_path / "r.yml"), str(tmp_path / "out")], tmp_path)
+    assert res.code == 2 and not res.traceback, (res.stderr, res.exception)
+    assert "lm_head.weight has no tensor of its own" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
