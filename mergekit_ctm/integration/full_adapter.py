@@ -348,12 +348,9 @@ def _local_dir(ref: ModelReference, cached: bool = False) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def plan_full_adapter_tasks(
-    merge_config: Any, out_path: str, options: MergeOptions
-) -> tuple[list[Task], str]:
+def plan_full_adapter_tasks(merge_config: Any, out_path: str, options: MergeOptions) -> list[Task]:
     """mergekit's own plan of the merge, its last step turned into LoRA factors (module
-    docstring). Returns the tasks (the last one returns the produced ranks) and the kind of
-    output (always "adapter")."""
+    docstring). The last task returns the produced ranks and what was kept or left out."""
     from mergekit.architecture import get_architecture_info
     from mergekit.io.tasks import LoaderCache
     from mergekit.merge import _model_out_config
@@ -449,14 +446,14 @@ def plan_full_adapter_tasks(
         rank_tasks=tuple(ranks),
         dropped_tasks=tuple(dropped),
         rank=rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
-        module_names=tuple(modules),
+        module_names=layout.modules,
         modules_to_save=tuple(keep),
         kept=tuple(kept.values()),
         fan_in_fan_out=any(m.fan_in_fan_out for m in used),
         base_model=str(base_ref),
         out_path=out_path,
     )
-    return [*saves, *dropped, finalize], "adapter"
+    return [*saves, *dropped, finalize]
 
 
 def _group_name(name: str) -> str:
@@ -626,7 +623,7 @@ def run_full_adapter_merge(
         transformers.trainer_utils.set_seed(options.random_seed)
     stage = output.stage(out_path)
     try:
-        tasks, _ = plan_full_adapter_tasks(merge_config, stage.path, options)
+        tasks = plan_full_adapter_tasks(merge_config, stage.path, options)
         executor = Executor(
             targets=tasks,
             math_device=options.device or "cpu",
