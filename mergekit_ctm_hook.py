@@ -4,7 +4,10 @@ Shipped as a top-level module and imported from ``mergekit_ctm.pth`` at interpre
 it must stay cheap: it imports only ``sys``, ``os`` and ``importlib`` (no torch, no mergekit).
 
 ``install()`` puts a finder on ``sys.meta_path``. The finder lets the normal machinery locate
-three mergekit modules and runs our code right after each has executed:
+five mergekit modules and runs our code right after each has executed:
+
+- ``mergekit.config``: give ``MergeConfiguration`` an optional ``output`` field, so the
+  recipe key survives mergekit's configuration model for every caller.
 
 - ``mergekit.merge_methods`` (the package, whose ``__init__`` imports the registry): register
   the ``ctm``, ``core_space``, ``mtc`` and ``lora_lego`` methods and the matrix rules.
@@ -13,6 +16,7 @@ three mergekit modules and runs our code right after each has executed:
   must be in place before that module body returns.
 - ``mergekit.scripts.run_yaml``: wrap the ``mergekit-yaml`` command so that bad recipes and
   failed merges end in one line instead of a traceback.
+- ``mergekit.scripts.multimerge``: the same for ``mergekit-multi``.
 
 ``MERGEKIT_CTM_DISABLE=1`` turns the startup hook off (``mergekit_ctm.install()`` still works).
 What runs after each module is ``mergekit_ctm.integration.CALLBACKS``.
@@ -31,7 +35,13 @@ ENV_DISABLE = "MERGEKIT_CTM_DISABLE"
 
 
 # Modules of mergekit after whose execution mergekit_ctm.integration.CALLBACKS[name] runs.
-_HOOKED = ("mergekit.merge_methods", "mergekit.merge", "mergekit.scripts.run_yaml")
+_HOOKED = (
+    "mergekit.config",
+    "mergekit.merge_methods",
+    "mergekit.merge",
+    "mergekit.scripts.run_yaml",
+    "mergekit.scripts.multimerge",
+)
 
 
 def _run_callback(name: str, module: Any) -> None:

@@ -26,6 +26,13 @@ def _register() -> None:
     register_methods()
 
 
+def on_config(module: Any) -> None:
+    """mergekit.config was imported: MergeConfiguration keeps ``output:`` (output_field.py)."""
+    from mergekit_ctm.integration.output_field import add_output_field
+
+    add_output_field(module.MergeConfiguration)
+
+
 def on_merge_methods(module: Any) -> None:
     """mergekit.merge_methods was imported: register our methods."""
     _register()
@@ -47,8 +54,18 @@ def on_run_yaml(module: Any) -> None:
     _register()
 
 
+def on_multimerge(module: Any) -> None:
+    """mergekit.scripts.multimerge was imported: one-line errors for mergekit-multi."""
+    from mergekit_ctm.integration.dispatch import wrap_multimerge
+
+    wrap_multimerge(module)
+    _register()
+
+
 CALLBACKS = {
+    "mergekit.config": on_config,
     "mergekit.merge_methods": on_merge_methods,
     "mergekit.merge": on_merge,
     "mergekit.scripts.run_yaml": on_run_yaml,
+    "mergekit.scripts.multimerge": on_multimerge,
 }

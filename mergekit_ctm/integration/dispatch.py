@@ -25,11 +25,19 @@ _MARK = "__mergekit_ctm_original__"
 
 
 def _model_refs(merge_config: Any) -> list[str]:
+    """The input models of ``models:``, or of every ``slices:`` source."""
     if isinstance(merge_config, dict):
         models = merge_config.get("models")
         models = models if isinstance(models, list) else []
+        slices = merge_config.get("slices")
+        for s in slices if isinstance(slices, list) else []:
+            sources = s.get("sources") if isinstance(s, dict) else None
+            models += sources if isinstance(sources, list) else []
         return [str(m.get("model") if isinstance(m, dict) else m) for m in models]
-    return [str(m.model) for m in getattr(merge_config, "models", None) or []]
+    refs = [str(m.model) for m in getattr(merge_config, "models", None) or []]
+    for s in getattr(merge_config, "slices", None) or []:
+        refs += [str(src.model) for src in s.sources]
+    return refs
 
 
 def is_full_checkpoint(ref: str) -> bool:
@@ -77,6 +85,41 @@ def is_adapter_recipe(merge_config: Any) -> bool:
     return not any(full)
 
 
+def check_output_kind(merge_config: Any, config_source: str | None = None) -> str | None:
+    """The recipe's ``output:`` (None when unset). ``output: model`` is what every mergekit
+    method writes, so any method takes it (a ``mergekit-multi`` stage may say it uniformly);
+    ``output: adapter`` needs one of our methods: a stock method's merge is not low-rank."""
+    from mergekit_ctm.integration.output_field import OUTPUT_KINDS, output_of
+    from mergekit_ctm.recipe.model import RecipeError
+
+    output = output_of(merge_config, config_source)
+    if isinstance(merge_config, dict):
+        keep = merge_config.get("modules_to_save")
+    else:
+        keep = getattr(merge_config, "modules_to_save", None)
+    if keep is not None and output != "adapter":
+        raise RecipeError(
+            "modules_to_save: applies to output: adapter only (it keeps whole modules, e.g. "
+            "embed_tokens, lm_head, in the adapter); output: model writes every tensor"
+        )
+    if output is None:
+        return None
+
+    if output not in OUTPUT_KINDS:
+        raise RecipeError(f"output: {output!r} is not one of {', '.join(OUTPUT_KINDS)}")
+    if isinstance(merge_config, dict):
+        method = merge_config.get("merge_method")
+    else:
+        method = getattr(merge_config, "merge_method", None)
+    if output == "adapter" and method not in METHOD_NAMES:
+        raise RecipeError(
+            f"output: adapter needs merge_method {' | '.join(METHOD_NAMES)}; merge_method "
+            f"{method!r} writes a full model (its merged update is not low-rank). Remove "
+            "`output:` or write `output: model`"
+        )
+    return output
+
+
 def _recipe_path_from_click() -> str | None:
     """The recipe file of the running mergekit command (its ``config_file`` argument)."""
     import click
@@ -97,7 +140,19 @@ def wrap_run_merge(module: Any) -> None:
     def run_merge(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         merge_config = bound.arguments.get("merge_config")
+        config_source = bound.arguments.get("config_source")
+        output = check_output_kind(merge_config, config_source)
         if not is_adapter_recipe(merge_config):
+            if output == "adapter":  # our method over full checkpoints (checked above)
+                from mergekit_ctm.integration.full_adapter import run_full_adapter_merge
+
+                return run_full_adapter_merge(
+                    merge_config,
+                    bound.arguments["out_path"],
+                    options=bound.arguments.get("options"),
+                    config_source=config_source,
+                    recipe_path=_recipe_path_from_click(),
+                )
             return original(*args, **kwargs)
         from mergekit_ctm.plan.run import run_adapter_merge
 
@@ -105,7 +160,7 @@ def wrap_run_merge(module: Any) -> None:
             merge_config,
             bound.arguments["out_path"],
             options=bound.arguments.get("options"),
-            config_source=bound.arguments.get("config_source"),
+            config_source=config_source,
             recipe_path=_recipe_path_from_click(),
         )
 
@@ -224,6 +279,37 @@ def wrap_run_yaml(module: Any) -> None:
                 raise RecipeError(
                     f"{path}: invalid recipe: {loc}: {first.get('msg')}"
                     + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")
+                ) from None
+
+    setattr(callback, _MARK, original)
+    command.callback = callback
+
+
+def wrap_multimerge(module: Any) -> None:
+    """Make ``mergekit-multi`` (mergekit.scripts.multimerge.main) end a bad stage in one line
+    (idempotent): exit 2 for bad input (our recipe checks, mergekit's validation errors),
+    1 for an OS error. Stages run through ``run_merge``, hence our dispatch."""
+    command = module.main
+    original = command.callback
+    if hasattr(original, _MARK):
+        return
+
+    @functools.wraps(original)
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        import pydantic
+
+        from mergekit_ctm.errors import one_line_errors
+
+        with one_line_errors("mergekit-multi"):
+            try:
+                return original(*args, **kwargs)
+            except pydantic.ValidationError as exc:
+                from mergekit_ctm.recipe.model import RecipeError
+
+                first = exc.errors()[0]
+                loc = ".".join(str(p) for p in first.get("loc", ())) or "recipe"
+                raise RecipeError(
+                    f"{kwargs.get('config_file')}: invalid recipe: {loc}: {first.get('msg')}"
                 ) from None
 
     setattr(callback, _MARK, original)

@@ -21,6 +21,7 @@ tensor name), as for adapters, so the output does not depend on execution order.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,15 +63,36 @@ def dense_delta(
     return merge_matrices(deltas, rule, dict(params), seed=seed)
 
 
-def merge_full_tensor(
+@dataclass
+class FullUpdate:
+    """The merged update of one tensor, before it is added to the base.
+
+    Exactly one of (``A``, ``B``) and ``delta`` is set: ``B @ A`` (scaling 1, k = A.shape[0]
+    directions, possibly 0) for 2-D weights without a vocabulary axis, the dense ``delta``
+    (λ · rule(ΔW₁ … ΔW_T)) for every other tensor. Both are in the math dtype ``math``.
+    """
+
+    base: torch.Tensor
+    math: torch.dtype
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+    requested_rank: int = 0
+
+
+def full_update(
     method: str, group: TensorGroup, parameters: Mapping[str, Any]
-) -> torch.Tensor:
-    """One output tensor of a full-checkpoint merge with one of our methods (module docstring)."""
+) -> FullUpdate | None:
+    """The merged update of one tensor of a full-checkpoint merge (module docstring); None
+    when there is nothing to merge (no input besides the base, or an empty tensor).
+
+    This is the one computation behind both outputs: ``output: model`` writes
+    W_base + B A (or W_base + delta), ``output: adapter`` writes A and B as a LoRA."""
     definition = METHODS[method]
     base = group.base.tensor
     entries = group.non_base
     if not entries or base.numel() == 0:
-        return base.clone()
+        return None
     values = per_input(parameters, entries)
     math = torch.float64 if base.dtype == torch.float64 else torch.float32
     deltas = [e.tensor.to(math) - base.to(math) for e in entries]
@@ -86,17 +108,18 @@ def merge_full_tensor(
         if k in names and v is not None and not (isinstance(v, list) and None in v)
     }
 
-    low_rank = base.ndim == 2 and group.metadata.vocabulary_axis is None
-    if not low_rank:
-        delta = lam * dense_delta(deltas, rule, rule_values, seed)
-        return (base.to(math) + delta).to(base.dtype)
+    if not is_low_rank(base, group.metadata):
+        return FullUpdate(base, math, delta=lam * dense_delta(deltas, rule, rule_values, seed))
+    k = values.get("task_rank") or own.get("rank") or min(base.shape)
+    requested = int(own.get("rank") or k)
     if not any(bool(d.any()) for d in deltas):
-        return base.clone()
+        empty = base.new_zeros((0, base.shape[1]), dtype=math)
+        none = empty.new_zeros((base.shape[0], 0))
+        return FullUpdate(base, math, A=empty, B=none, requested_rank=requested)
 
     from mergekit_ctm.engine.api import merge_lora
     from mergekit_ctm.engine.compress import compress_delta
 
-    k = values.get("task_rank") or own.get("rank") or min(base.shape)
     factors = [compress_delta(d, int(k), seed=seed, dtype=math) for d in deltas]
     rule_params = rule_values if definition.takes_base_rule else None
     out = merge_lora(
@@ -109,4 +132,24 @@ def merge_full_tensor(
         dtype=math,
         **own,
     )
-    return (base.to(math) + out.B @ out.A).to(base.dtype)
+    return FullUpdate(base, math, A=out.A, B=out.B, requested_rank=int(out.requested_rank))
+
+
+def is_low_rank(base: torch.Tensor, metadata: Any) -> bool:
+    """A 2-D weight without a vocabulary axis: merged through low-rank factors."""
+    return base.ndim == 2 and getattr(metadata, "vocabulary_axis", None) is None
+
+
+def merge_full_tensor(
+    method: str, group: TensorGroup, parameters: Mapping[str, Any]
+) -> torch.Tensor:
+    """One output tensor of a full-checkpoint merge with one of our methods (module docstring)."""
+    update = full_update(method, group, parameters)
+    if update is None:
+        return group.base.tensor.clone()
+    base, math = update.base, update.math
+    if update.delta is not None:
+        return (base.to(math) + update.delta).to(base.dtype)
+    if update.A is None or update.B is None or update.A.shape[0] == 0:
+        return base.clone()
+    return (base.to(math) + update.B @ update.A).to(base.dtype)

@@ -911,11 +911,35 @@ def check_full_checkpoint_recipe(raw: Mapping[str, Any]) -> None:
     mergekit's to check."""
     from mergekit_ctm.engine.methods import CHECKPOINT_PARAMETERS
 
-    if raw.get("output", "model") != "model":
-        raise RecipeError(
-            "output: adapter is not supported yet for full checkpoints; leave `output:` out "
-            "(the merged model is written)"
-        )
+    output = raw.get("output")
+    if output not in (None, "model", "adapter"):
+        raise RecipeError(f"output: {output!r} is not one of adapter, model")
+    keep = raw.get("modules_to_save")
+    if keep is not None:
+        if output != "adapter":
+            raise RecipeError(
+                "modules_to_save: applies to output: adapter only (it keeps whole modules, "
+                "e.g. embed_tokens, lm_head, in the adapter); output: model writes every tensor"
+            )
+        if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
+            raise RecipeError(
+                f"modules_to_save: must be a list of module names (got {keep!r}), e.g. "
+                "[embed_tokens, lm_head]"
+            )
+    if output == "adapter":
+        for key in ("slices", "modules"):
+            if raw.get(key):
+                raise RecipeError(
+                    f"output: adapter: `{key}:` builds a model of another shape than the base, "
+                    "but a LoRA adapter applies to the base itself; list the fine-tunes under "
+                    "`models:`, or write output: model"
+                )
+        for key in ("tokenizer_source", "tokenizer"):
+            if raw.get(key) not in (None, "base"):
+                raise RecipeError(
+                    f"output: adapter keeps the base model's vocabulary, so `{key}:` cannot "
+                    f"apply; leave it out, or write output: model"
+                )
     keys = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype")
     recipe = parse_recipe({k: raw[k] for k in keys if k in raw})
     method = recipe.merge_method
