@@ -120,6 +120,16 @@ def check_output_kind(merge_config: Any, config_source: str | None = None) -> st
     return output
 
 
+def with_recipe_seed(options: Any, merge_config: Any) -> Any:
+    """``options`` with the recipe's ``random_seed:`` when ``--random-seed`` was not given
+    (the command line wins, as for adapter recipes); mergekit's ``run_merge`` seeds torch
+    from ``options.random_seed``, and our per-tensor seeds derive from it."""
+    seed = getattr(merge_config, "random_seed", None)
+    if seed is None or options is None or getattr(options, "random_seed", None) is not None:
+        return options
+    return options.model_copy(update={"random_seed": seed})
+
+
 def _recipe_path_from_click() -> str | None:
     """The recipe file of the running mergekit command (its ``config_file`` argument)."""
     import click
@@ -143,6 +153,10 @@ def wrap_run_merge(module: Any) -> None:
         config_source = bound.arguments.get("config_source")
         output = check_output_kind(merge_config, config_source)
         if not is_adapter_recipe(merge_config):
+            if getattr(merge_config, "merge_method", None) in METHOD_NAMES:
+                bound.arguments["options"] = with_recipe_seed(
+                    bound.arguments.get("options"), merge_config
+                )
             if output == "adapter":  # our method over full checkpoints (checked above)
                 from mergekit_ctm.integration.full_adapter import run_full_adapter_merge
 
@@ -153,7 +167,7 @@ def wrap_run_merge(module: Any) -> None:
                     config_source=config_source,
                     recipe_path=_recipe_path_from_click(),
                 )
-            return original(*args, **kwargs)
+            return original(*bound.args, **bound.kwargs)
         from mergekit_ctm.plan.run import run_adapter_merge
 
         return run_adapter_merge(

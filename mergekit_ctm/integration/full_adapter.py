@@ -482,13 +482,14 @@ def _identity(ref: ModelReference) -> str:
     return card.input_identity(str(ref), path, sorted(os.listdir(path)))
 
 
-def resolved_recipe(raw: dict[str, Any]) -> dict[str, Any]:
+def resolved_recipe(raw: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
     """The recipe as run: the user's keys, the method's parameters with defaults written out,
-    ``output: adapter``. The seed is not a key: mergekit's planner takes it from
-    ``--random-seed`` only (the card and the header record it)."""
+    ``output: adapter`` and the seed the merge used (``--random-seed``, else the recipe's)."""
     from mergekit_ctm.engine.methods import METHODS
 
     recipe = {k: v for k, v in raw.items() if k != "random_seed"}
+    if seed is not None:
+        recipe["random_seed"] = seed
     params = dict(recipe.get("parameters") or {})
     for p in METHODS[recipe["merge_method"]].parameters:
         if p.name not in params and p.default is not None:
@@ -508,7 +509,7 @@ def write_metadata(
     base = str(merge_config.base_model)
     inputs = [m.model for m in merge_config.models or []]
     ids = [_identity(m) for m in inputs]
-    recipe = resolved_recipe(raw)
+    recipe = resolved_recipe(raw, seed)
     head = ["Written by mergekit-ctm.", card._versions_line(), f"random seed: {seed}"]
     head += [f"models[{i}] {m}: {ident}" for i, (m, ident) in enumerate(zip(inputs, ids))]
     config_yaml = yaml.safe_dump(recipe, sort_keys=False)
@@ -570,16 +571,15 @@ def write_metadata(
             "| --- | --- | --- |",
             *dropped_lines(result["dropped"]),
         ]
-    seed_text = "none (`--random-seed` not given)" if seed is None else seed
+    seed_text = "none (neither `--random-seed` nor `random_seed:` given)" if seed is None else seed
     lines += [
         "",
         "## Reproduce",
         "",
         f"Versions: {card._versions_line()}. Seed: {seed_text}.",
         "",
-        "With the same inputs: `mergekit-yaml mergekit_config.yml out/"
-        + (f" --random-seed {seed}" if seed is not None else "")
-        + "`. The configuration:",
+        "With the same inputs: `mergekit-yaml mergekit_config.yml out/` (the seed is in it)."
+        " The configuration:",
         "",
         "```yaml",
         config_yaml.rstrip(),

@@ -1,4 +1,5 @@
-"""``output:`` (and ``modules_to_save:``) as fields of mergekit's own ``MergeConfiguration``.
+"""``output:``, ``modules_to_save:`` and ``random_seed:`` as fields of mergekit's own
+``MergeConfiguration``.
 
 mergekit's configuration model ignores unknown keys, so ``output: model`` vanished whenever a
 recipe went through it without its raw text (``mergekit-multi``, Python's ``run_merge`` without
@@ -12,19 +13,27 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
+from pydantic import StrictInt
+
 OUTPUT_KINDS = ("adapter", "model")
 OUTPUT_ANNOTATION = Optional[Literal["adapter", "model"]]  # noqa: UP045 (pydantic, py3.9 safe)
 
 
 MODULES_TO_SAVE_ANNOTATION = Optional[list[str]]  # noqa: UP045
+RANDOM_SEED_ANNOTATION = Optional[StrictInt]  # noqa: UP045
 
-FIELDS = {"output": OUTPUT_ANNOTATION, "modules_to_save": MODULES_TO_SAVE_ANNOTATION}
+FIELDS = {
+    "output": OUTPUT_ANNOTATION,
+    "modules_to_save": MODULES_TO_SAVE_ANNOTATION,
+    "random_seed": RANDOM_SEED_ANNOTATION,
+}
 
 
 def add_output_field(model: Any) -> None:
     """Give a pydantic v2 model class (mergekit's MergeConfiguration) the optional fields
-    ``output`` and ``modules_to_save`` (full checkpoints with ``output: adapter``), default
-    None (idempotent)."""
+    ``output``, ``modules_to_save`` (full checkpoints with ``output: adapter``) and
+    ``random_seed`` (read for our methods only; ``--random-seed`` wins), default None
+    (idempotent)."""
     from pydantic.fields import FieldInfo
 
     missing = {k: v for k, v in FIELDS.items() if k not in model.__pydantic_fields__}

@@ -182,10 +182,11 @@ def test_adapter_card_lists_what_a_lora_cannot_hold_and_bytes_repeat(dense, tmp_
         assert f"| `{group}` | {count} | max " in card, group
     written = (out / "mergekit_config.yml").read_text()
     assert "output: adapter" in written and "random seed: 1" in written
+    assert "\nrandom_seed: 1\n" in written
 
-    # the recorded recipe redoes the merge byte for byte
-    res = run_command([str(out / "mergekit_config.yml"), str(tmp_path / "a3"), "--quiet",
-                       "--random-seed", "1"], tmp_path)  # fmt: skip
+    # the recorded recipe (seed included) redoes the merge byte for byte
+    res = run_command([str(out / "mergekit_config.yml"), str(tmp_path / "a3"), "--quiet"],
+                      tmp_path)  # fmt: skip
     assert res.code == 0, res.stderr
     assert tree(tmp_path / "a3") == tree(out)
 
@@ -373,3 +374,22 @@ def test_modules_to_save_refuses_a_tied_lm_head(tmp_path):
     assert res.code == 2 and not res.traceback, (res.stderr, res.exception)
     assert "lm_head.weight has no tensor of its own" in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_recipe_random_seed_for_full_checkpoints(linear_only, tmp_path):
+    """`random_seed:` in a full-checkpoint recipe seeds the merge as --random-seed does (DARE
+    draws), and --random-seed wins over it, as for adapter recipes."""
+    ck = linear_only
+    params = {"base_rule": "dare_ties", "rank": 6}
+    per_model = {"weight": 1.0, "density": 0.5}
+    by_flag = _merge(ck, tmp_path, "flag7", _recipe(ck, params, per_model, "model"),
+                     "--random-seed", "7")  # fmt: skip
+    keyed = _recipe(ck, params, per_model, "model") | {"random_seed": 7}
+    by_key = _merge(ck, tmp_path, "key7", keyed)
+    overridden = _merge(ck, tmp_path, "key7flag8", keyed, "--random-seed", "8")
+    flag8 = _merge(ck, tmp_path, "flag8", _recipe(ck, params, per_model, "model"),
+                   "--random-seed", "8")  # fmt: skip
+    weights = lambda out: {k: v for k, v in tree(out).items() if k.endswith(".safetensors")}  # noqa: E731
+    assert weights(by_key) == weights(by_flag)
+    assert weights(overridden) == weights(flag8) != weights(by_flag)
