@@ -121,10 +121,10 @@ def _update(
     Yt = ((V.mT @ Qc).view(b, -1, T, k).transpose(1, 2) @ Pt).reshape(b, -1, N1)  # Yᵀ
     todo = None  # None: every item still iterating (no masking needed)
     if budget > 0:
-        YtU = Yt @ U
+        YtU = torch.bmm(Yt, U)
         f = theta2 = torch.zeros(b, dtype=Yt.dtype, device=Yt.device)
         for step in range(min(budget, INNER_STEPS) + 1):
-            GU = Yt.mT @ YtU
+            GU = torch.bmm(Yt.mT, YtU)
             if step:  # items already invariant keep their U, so batching changes nothing
                 # U holds Ritz vectors, UᵀG U = diag(θ): ‖G U − U UᵀG U‖² = ‖G U‖² − Σθ²
                 g2 = (GU * GU).sum((-2, -1))
@@ -135,10 +135,12 @@ def _update(
                 if step == budget or step == INNER_STEPS:
                     break
             K = torch.linalg.qr(torch.cat([U, GU], dim=-1)).Q
-            Z = Yt @ K  # Yᵀ K (b, T·r, |K|)
-            evals, W = torch.linalg.eigh(Z.mT @ Z)  # ascending; the top r in any order will do
+            Z = torch.bmm(Yt, K)  # Yᵀ K (b, T·r, |K|)
+            evals, W = torch.linalg.eigh(
+                torch.bmm(Z.mT, Z)
+            )  # ascending; the top r in any order will do
             W, evals = W[..., -r:], evals[..., -r:]
-            new = (K @ W, Z @ W, evals.sum(-1), (evals * evals).sum(-1))
+            new = (torch.bmm(K, W), torch.bmm(Z, W), evals.sum(-1), (evals * evals).sum(-1))
             if todo is None or bool(todo.all()):
                 U, YtU, f, theta2 = new
             else:
@@ -150,7 +152,7 @@ def _update(
     # the dense solve, for every item (budget 0) or for those still iterating
     idx = None if todo is None or bool(todo.all()) else todo.nonzero().flatten()
     Ys = _take(Yt, idx)
-    evals, E = torch.linalg.eigh(Ys.mT @ Ys)
+    evals, E = torch.linalg.eigh(torch.bmm(Ys.mT, Ys))
     if idx is None:
         return E[..., -r:], evals[..., -r:].sum(-1)
     U, f = U.clone(), f.clone()
