@@ -3,6 +3,7 @@
     python bench/e2e.py                         # 6 adapters x 128 modules, ~5 min on 2 cores
     python bench/e2e.py --layers 4 --repeats 1  # a quick look
     python bench/e2e.py --profile               # + cProfile of one in-process merge
+    python bench/e2e.py "--args=-j 1"           # extra mergekit-yaml options
 
 Workload (built once under ``--workdir``, seeded, reused while its parameters match): T = 6
 rank-16 PEFT LoRA adapters over 32 Llama-3-8B-shaped layers x {q 4096x4096, k/v 1024x4096,
@@ -245,7 +246,7 @@ def main() -> None:
     ap.add_argument("--skip-loaded", action="store_true")
     ap.add_argument("--skip-tensorly", action="store_true")
     ap.add_argument("--profile", action="store_true", help="cProfile one in-process merge")
-    ap.add_argument("--args", default="", help="extra mergekit-yaml arguments, e.g. '-j 1'")
+    ap.add_argument("--args", default="", help="extra mergekit-yaml arguments: --args='-j 1'")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     root = Path(a.workdir)
