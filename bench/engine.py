@@ -42,7 +42,7 @@ import torch
 
 from mergekit_ctm.engine import merge_lora, merge_lora_many
 from mergekit_ctm.engine.linalg import canonical_signs
-from mergekit_ctm.engine.pipelines import _lift, _rule
+from mergekit_ctm.engine.pipelines import apply_rule, lift
 
 SHAPES = {
     "q_proj": (4096, 4096),
@@ -151,8 +151,8 @@ def tensorly_ctm(As, Bs, s, r: int, beta: float, rule_params: dict, tol: float, 
     su, sv = canonical_signs(U), canonical_signs(V)
     U, V, Uc, Vc = U * su, V * sv, Uc * su.double(), Vc * sv.double()
     O = Uc.T @ M @ Vc
-    merged = _rule(O, "ties", rule_params, None)
-    return _lift(U, merged, V, r, 1.0, torch.float32, r, {})
+    merged = apply_rule(O, "ties", rule_params, None)
+    return lift(U, merged, V, r, 1.0, torch.float32, r, {})
 
 
 def _sync(device: str) -> None:

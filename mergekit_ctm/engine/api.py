@@ -7,6 +7,7 @@ as its Python spelling).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -140,6 +141,15 @@ def merge_lora(
 MAX_CHUNK = 16  # modules per batched solve; larger batches hold the GIL less per module
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on: ``os.sched_getaffinity(0)`` (taskset, cpusets), else
+    ``os.cpu_count()``, at least 1. The plugin's default worker count (docs/usage.md)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def merge_lora_many(
     modules: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[float]]],
     *,
@@ -157,9 +167,11 @@ def merge_lora_many(
     the many tiny HOOI steps.
     ``workers`` threads merge chunks concurrently, each on one intra-op thread (default: the
     torch thread count for CPU inputs, 1 on CUDA): the tiny core problems are sequential
-    LAPACK calls, so this is how they use several cores. Any worker count above 1 gives the
-    same bits; each problem stops on its own criterion, so results equal per-module calls up
-    to floating-point rounding (their GEMMs use all threads). ``seeds``: one per module.
+    LAPACK calls, so this is how they use several cores. With one worker the calling thread
+    runs the chunks, also on one intra-op thread, so any worker count gives the same bits
+    (and so does any torch thread count); each problem stops on its own criterion, so results
+    equal per-module ``merge_lora`` calls up to floating-point rounding (its GEMMs use every
+    thread). ``seeds``: one per module.
     """
     default_seed = params.pop("seed", None)
     seeds = list(seeds) if seeds is not None else [default_seed] * len(modules)
@@ -208,7 +220,8 @@ def merge_lora_many(
     chunks = [range(i, min(i + size, len(modules))) for i in range(0, len(modules), size)]
     workers = max(1, min(workers, len(chunks)))
     if workers == 1:
-        return [o for idx in chunks for o in run(idx)]
+        with tiny_cpu_ops(torch.device("cpu")):  # the same one-thread kernels as the workers
+            return [o for idx in chunks for o in run(idx)]
     with tiny_cpu_ops(torch.device("cpu")), ThreadPoolExecutor(workers) as pool:
         return [o for out in pool.map(_single_threaded(run), chunks) for o in out]
 

@@ -23,20 +23,23 @@ from mergekit_ctm.engine.tucker import tucker2_batch
 from mergekit_ctm.engine.types import MergedLora
 
 
-def _rule(
+def apply_rule(
     tensors: torch.Tensor,
     rule: str,
     params: Mapping[str, Any] | None,
     seed: int | None,
     rank: int | None = None,
 ):
-    """ℳ on T stacked matrices; ``rank``: the truncation that follows (flat-spectrum rules)."""
+    """ℳ on T stacked matrices (T, a, b) → (a, b): the base rule through
+    ``rules.merge_matrices`` (mergekit's rules on a zero base, or ours); ``params`` its
+    mergekit-style parameters, ``seed`` for random rules, ``rank`` the truncation that follows
+    (flat-spectrum rules). Public for benchmarks that reuse the merge step."""
     from mergekit_ctm.engine.rules import merge_matrices
 
     return merge_matrices(list(tensors.unbind(0)), rule, params, seed=seed, rank=rank)
 
 
-def _lift(
+def lift(
     U_left: torch.Tensor,
     C: torch.Tensor,
     V_right: torch.Tensor,
@@ -46,7 +49,11 @@ def _lift(
     requested: int,
     info: dict,
 ) -> MergedLora:
-    """λ·U C Vᵀ as balanced factors: B = U p√S, A = √S qᵀ Vᵀ from the SVD C = p S qᵀ."""
+    """λ·U C Vᵀ as balanced factors: B = U p√S, A = √S qᵀ Vᵀ from the SVD C = p S qᵀ.
+
+    U_left (n × a), C (a × b), V_right (m × b); ``rank`` truncates the SVD (None: keep all
+    nonzero directions), the factors are cast to ``out_dtype``, ``requested`` and ``info`` go
+    into the MergedLora (``info`` gains the singular values). Public for benchmarks."""
     with tiny_cpu_ops(C.device, max(C.shape[-2:])):
         Bc, Ac, S = balanced_svd_factors(lam * C, rank)
     B = U_left @ Bc.to(U_left.dtype)
@@ -73,7 +80,7 @@ def _ctm_finish(
     Uc, Vc = sol.U * su.to(F64), sol.V * sv.to(F64)
     with tiny_cpu_ops(Pp.device, Pp.shape[-2]):
         O = (Uc.mT @ Pp) @ (Qp.mT @ Vc)  # (T, r, r): Oₜ = U_coreᵀ Mₜ V_core
-        merged = _rule(O, base_rule, rule_params, seed)
+        merged = apply_rule(O, base_rule, rule_params, seed)
     info = {
         "method": "ctm",
         "hooi_errors": sol.errors,
@@ -82,7 +89,7 @@ def _ctm_finish(
         "core_dims": (cs.P.shape[0], cs.Q.shape[0]),
         "task_weights": c.tolist(),
     }
-    return _lift(U, merged, V, rank, lam, dtype, rank, info)
+    return lift(U, merged, V, rank, lam, dtype, rank, info)
 
 
 def ctm(
@@ -177,10 +184,10 @@ def core_space(As, Bs, scalings, *, rank, base_rule, rule_params, lam, seed, dty
     cs = build_core_space(As, Bs, scalings, dtype)
     U_B, V_A = cs.canonicalize()
     M = cs.core_matrices()
-    merged = _rule(M, base_rule, rule_params, seed, rank=rank)
+    merged = apply_rule(M, base_rule, rule_params, seed, rank=rank)
     info = {"method": "core_space", "core_dims": tuple(M.shape[1:])}
     requested = rank if rank is not None else min(M.shape[1:])
-    return _lift(U_B, merged, V_A, rank, lam, dtype, requested, info)
+    return lift(U_B, merged, V_A, rank, lam, dtype, requested, info)
 
 
 def _factored_lift(
@@ -192,7 +199,7 @@ def _factored_lift(
     UB = Bf @ (WB / sB).to(Bf.dtype)
     VA = Af.mT @ (WA / sA).to(Af.dtype)
     C = (sB.unsqueeze(-1) * WB.mT) @ (WA * sA)  # U_Bᵀ Bf Af V_A
-    return _lift(UB, C, VA, rank, lam, dtype, rank, info)
+    return lift(UB, C, VA, rank, lam, dtype, rank, info)
 
 
 def mtc(As, Bs, scalings, *, rank, space, base_rule, rule_params, lam, seed, dtype) -> MergedLora:
@@ -215,7 +222,7 @@ def mtc(As, Bs, scalings, *, rank, space, base_rule, rule_params, lam, seed, dty
         dW = torch.stack(
             [float(s) * (B.to(dtype) @ A.to(dtype)) for A, B, s in zip(As, Bs, scalings)]
         )
-        merged = lam * _rule(dW, base_rule, rule_params, seed, rank=rank).to(dtype)
+        merged = lam * apply_rule(dW, base_rule, rule_params, seed, rank=rank).to(dtype)
         B, A, S = balanced_svd_factors(  # the dense SVD stays in the math dtype
             merged, rank, rtol=max(merged.shape) * torch.finfo(dtype).eps, work_dtype=None
         )
@@ -245,6 +252,6 @@ def _knots(As, Bs, scalings, rank, base_rule, rule_params, lam, seed, dtype) -> 
     Vt = torch.stack(
         [V_A @ wh[:, t * kA : (t + 1) * kA].mT.to(dtype) for t in range(T)]
     )  # (T, m, keep)
-    V_merged = _rule(Vt.to(F64), base_rule, rule_params, seed).to(dtype)
+    V_merged = apply_rule(Vt.to(F64), base_rule, rule_params, seed).to(dtype)
     info = {"method": "mtc/knots", "knots_dims": keep}
     return _factored_lift(U * sig.to(dtype), V_merged.mT, rank, lam, dtype, info)

@@ -15,6 +15,7 @@ from mergekit.io.tasks import FinalizeModel, LoadTensor, SaveTensor, TensorWrite
 from mergekit.options import MergeOptions
 
 from mergekit_ctm.adapters.peft_lora import stores_transposed
+from mergekit_ctm.engine.linalg import tiny_cpu_ops
 from mergekit_ctm.plan import card, output
 from mergekit_ctm.plan.output import check_output_path
 from mergekit_ctm.plan.tasks import (
@@ -56,9 +57,21 @@ def recipe_source(merge_config: Any, config_source: str | None) -> str | dict[st
     return merge_config.model_dump(mode="json", exclude_none=True)
 
 
-def merge_tasks(plan: MergePlan) -> dict[str, MergeModule]:
+def solve_workers(options: MergeOptions) -> int:
+    """Worker threads of each batched solve: ``-j/--num-threads`` when given, else the CPUs
+    this process may use (``engine.api.available_cpus``); 1 on a GPU. Each worker runs on one
+    intra-op thread, so the output bytes do not depend on this number."""
+    from mergekit_ctm.engine.api import available_cpus
+
+    if str(options.device or "cpu") != "cpu":
+        return 1
+    return max(1, options.num_threads or available_cpus())
+
+
+def merge_tasks(plan: MergePlan, workers: int | None = None) -> dict[str, MergeModule]:
     """Module name -> its merge. Consecutive modules with identical parameters are solved
-    together, at most MAX_CHUNK per batched engine call (memory stays a chunk's factors)."""
+    together, at most MAX_CHUNK per batched engine call (memory stays a chunk's factors), on
+    ``workers`` threads (None: merge_lora_many's default)."""
     from mergekit_ctm.engine.api import MAX_CHUNK
 
     chunks: list[list[Any]] = []
@@ -92,6 +105,7 @@ def merge_tasks(plan: MergePlan) -> dict[str, MergeModule]:
             rule_params=members[0].rule_params,
             seeds=tuple(m.seed for m in members),
             dtype=plan.dtype,
+            workers=workers,
         )
         out.update({m.name: MergeModule(chunk=chunk, index=j) for j, m in enumerate(members)})
     return out
@@ -141,7 +155,7 @@ def plan_adapter_tasks(plan: MergePlan, out_path: str, options: MergeOptions) ->
     )
     saves: list[Task] = []
     ranks: list[ModuleRank] = []
-    merges = merge_tasks(plan)
+    merges = merge_tasks(plan, solve_workers(options))
     for module in plan.modules:
         merge = merges[module.name]
         transposed = stores_transposed(module)
@@ -255,7 +269,7 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
     base = base_tensors(base_path)
     writer = model_writer(plan, out_path, options, names, base)
     by_weight: dict[str, Task] = {}
-    merges = merge_tasks(plan)
+    merges = merge_tasks(plan, solve_workers(options))
     for module in plan.modules:
         merge = merges[module.name]
         by_weight[module.weight_name] = ApplyDelta(
@@ -416,9 +430,14 @@ def execute_plan(
             storage_device=(options.device or "cpu") if options.low_cpu_memory else "cpu",
         )
         result: dict[str, Any] = {}
-        for task, value in executor.run(quiet=options.quiet, desc="mergekit-ctm"):
-            if isinstance(task, FinalizeAdapter):
-                result = value
+        # Loads, finiteness checks, casts and writes are small memory-bound ops on this
+        # thread: with several OpenMP threads on a busy machine they stall (a float64 sum of
+        # one 16 x 4096 factor: 2-10 ms on 2 threads, 0.05 ms on 1; bench/e2e.py). The solves
+        # run on solve_workers() one-thread workers.
+        with tiny_cpu_ops(torch.device("cpu")):
+            for task, value in executor.run(quiet=options.quiet, desc="mergekit-ctm"):
+                if isinstance(task, FinalizeAdapter):
+                    result = value
         if plan.output == "model":
             _copy_model_files(plan, tmp, options.copy_tokenizer)
         if options.write_model_card:

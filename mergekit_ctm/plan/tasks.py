@@ -116,6 +116,7 @@ class MergeChunk(Task[tuple]):
     rule_params: tuple[tuple[str, Any], ...]
     seeds: tuple[int, ...]
     dtype: str | None = None
+    workers: int | None = None  # solve threads (plan.run.solve_workers); bytes do not depend on it
 
     def arguments(self) -> dict[str, Task]:
         return {f"m{j}_{i}": f for j, loads in enumerate(self.factors) for i, f in enumerate(loads)}
@@ -139,6 +140,7 @@ class MergeChunk(Task[tuple]):
             method=self.method,
             rule_params=rule_kwargs(self.rule_params),
             dtype=math_dtype(self.dtype),
+            workers=self.workers,
             **dict(self.params),
         )
         for module, out in zip(self.modules, outs):

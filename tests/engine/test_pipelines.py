@@ -297,11 +297,15 @@ def test_merge_lora_many_workers_do_not_change_the_result(method):
     seeds = list(range(12))
     threads = torch.get_num_threads()
     two = merge_lora_many(mods, seeds=seeds, workers=2, **kw)
-    for _ in range(3):
-        three = merge_lora_many(mods, seeds=seeds, workers=3, **kw)
-        for a, b in zip(two, three):
-            assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)  # one thread per module
-    assert torch.get_num_threads() == threads  # restored after the worker pool
+    try:
+        for n, workers in ((threads, 3), (threads, 3), (2, 1), (1, 1), (2, 3)):
+            torch.set_num_threads(n)
+            other = merge_lora_many(mods, seeds=seeds, workers=workers, **kw)
+            assert torch.get_num_threads() == n  # restored after the worker pool
+            for a, b in zip(two, other):  # one thread per module, also with one worker
+                assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B), (n, workers)
+    finally:
+        torch.set_num_threads(threads)
     for a, (A_, B_, s_), seed in zip(two, mods, seeds):
         single = merge_lora(A_, B_, s_, seed=seed, **kw)  # GEMMs on all threads: rounding
         assert rel(a.delta(), single.delta()) < 1e-5

@@ -46,8 +46,9 @@ def test_mergekit_config_reproduces_the_merge_byte_for_byte(example, tmp_path):
 
 @pytest.mark.parametrize("method", ["ctm", "mtc", "core_space"])
 def test_same_bytes_for_any_thread_count(example, tmp_path, method):
-    """The batched plugin path solves modules on one-thread workers: 1 or 2 torch threads
-    give the same file."""
+    """The batched plugin path solves modules on one-thread workers and runs everything else
+    on one thread: any torch thread count, any -j (MergeOptions.num_threads, the worker count)
+    and the default (the CPUs this process may use) give the same file."""
     import torch
     from mergekit.options import MergeOptions
 
@@ -58,16 +59,18 @@ def test_same_bytes_for_any_thread_count(example, tmp_path, method):
         per_adapter={"weight": 1.0, "density": 0.5},
     ).read_text()  # fmt: skip
     threads = torch.get_num_threads()
-    got = []
+    got = {}
     try:
-        for n in (1, 2):
+        for n, j in ((1, None), (2, None), (2, 1), (1, 2), (2, 3)):
             torch.set_num_threads(n)
-            out = tmp_path / f"t{n}"
-            run_adapter_merge(text, str(out), MergeOptions(quiet=True), config_source=text)
-            got.append((out / "adapter_model.safetensors").read_bytes())
+            out = tmp_path / f"t{n}_j{j}"
+            options = MergeOptions(quiet=True, num_threads=j)
+            run_adapter_merge(text, str(out), options, config_source=text)
+            assert torch.get_num_threads() == n  # restored after the merge
+            got[n, j] = (out / "adapter_model.safetensors").read_bytes()
     finally:
         torch.set_num_threads(threads)
-    assert got[0] == got[1]
+    assert len(set(got.values())) == 1, [k for k, v in got.items() if v != got[1, None]]
 
 
 @pytest.mark.parametrize(
@@ -107,3 +110,19 @@ def test_resolved_config_writes_rule_defaults_and_resolves_the_same(
     ]
     assert again.dense == plan.dense
     assert resolved_recipe(again) == resolved  # a fixed point: nothing more to write
+
+
+@pytest.mark.slow
+def test_mergekit_yaml_same_bytes_for_any_j(example, tmp_path):
+    """Stock mergekit-yaml -j 1 / -j 3 (which also sets torch's threads) and the default give
+    byte-identical adapters, DARE's seeded draws included."""
+    recipe = write_recipe(
+        tmp_path / "r.yml", example, "ctm", parameters={"base_rule": "dare_ties", "rank": 4},
+        per_adapter={"weight": 1.0, "density": 0.5},
+    )  # fmt: skip
+    got = []
+    for j in ((), ("-j", "1"), ("-j", "3")):
+        out = tmp_path / f"out{len(got)}"
+        run_cli(tool("mergekit-yaml"), str(recipe), str(out), "--quiet", "--random-seed", "3", *j)
+        got.append(_files(out))
+    assert got[0] == got[1] == got[2]

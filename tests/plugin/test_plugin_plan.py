@@ -40,3 +40,28 @@ def test_chunks_group_equal_parameters_and_loads_follow_their_chunk(example, tmp
         assert loads and all(isinstance(f, LoadFactors) for f in loads)
         # read with their chunk, not scheduled ahead of it (memory stays one chunk's)
         assert {f.group_label() for f in loads} == {chunk.group_label()}
+
+
+def test_solve_workers_come_from_j_or_the_cpus_this_process_may_use(example, tmp_path, monkeypatch):
+    """-j/--num-threads sets the worker count; without it, os.sched_getaffinity (taskset,
+    cpusets), else os.cpu_count(); one worker on a GPU. Every chunk of the plan carries it."""
+    import os
+
+    from mergekit_ctm.engine.api import available_cpus
+    from mergekit_ctm.plan.run import solve_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert available_cpus() == 3 and solve_workers(MergeOptions()) == 3
+    assert solve_workers(MergeOptions(num_threads=5)) == 5
+    assert solve_workers(MergeOptions(device="cuda")) == 1
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    assert available_cpus() == 7
+
+    text = write_recipe(tmp_path / "r.yml", example, "ctm", parameters={"rank": 4}).read_text()
+    plan = build_plan(text)
+    seen: dict = {}
+    for task in plan_adapter_tasks(plan, str(tmp_path / "out"), MergeOptions(num_threads=4)):
+        _walk(task, seen)
+    chunks = [t for t in seen.values() if isinstance(t, MergeChunk)]
+    assert chunks and {c.workers for c in chunks} == {4}
