@@ -18,9 +18,57 @@ from mergekit_ctm.adapters.errors import AdapterError
 from mergekit_ctm.adapters.peft_lora import (
     AdapterInfo,
     LoraModule,
+    read_safetensors_header,
     stores_transposed,
     swap_layout,
 )
+
+# safetensors dtype codes, in the order of safetensors' Dtype enum (plan/stream.py lays
+# tensors out by it).
+SAFETENSORS_DTYPES: tuple[tuple[torch.dtype, str], ...] = (
+    (torch.bool, "BOOL"),
+    (torch.uint8, "U8"),
+    (torch.int8, "I8"),
+    (torch.float8_e5m2, "F8_E5M2"),
+    (torch.float8_e4m3fn, "F8_E4M3"),
+    (torch.int16, "I16"),
+    (torch.uint16, "U16"),
+    (torch.float16, "F16"),
+    (torch.bfloat16, "BF16"),
+    (torch.int32, "I32"),
+    (torch.uint32, "U32"),
+    (torch.float32, "F32"),
+    (torch.complex64, "C64"),
+    (torch.float64, "F64"),
+    (torch.int64, "I64"),
+    (torch.uint64, "U64"),
+)
+_TORCH_DTYPE = {code: dt for dt, code in SAFETENSORS_DTYPES}
+
+
+@lru_cache(maxsize=64)
+def _header(path: str, stamp: tuple[int, int, int]) -> dict[str, dict]:
+    """A safetensors file's header, parsed once per version of the file (``stamp``: mtime,
+    size, inode)."""
+    return read_safetensors_header(path)
+
+
+def read_safetensors_tensor(path: str, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read at its offset with one ``readinto``: the header
+    is parsed once per file, not per tensor (``safe_open`` per tensor parsed it 1536 times in a
+    6-adapter, 128-module merge), and no mapping outlives the call. Little-endian, as the
+    format is."""
+    st = os.stat(path)
+    meta = _header(path, (st.st_mtime_ns, st.st_size, st.st_ino))[key]
+    dtype = _TORCH_DTYPE[meta["dtype"]]
+    buf = bytearray(meta["nbytes"])
+    with open(path, "rb", buffering=0) as f:
+        f.seek(meta["start"])
+        if f.readinto(buf) != len(buf):
+            raise OSError(f"short read of {key!r}: the file changed while it was read")
+    if not buf:
+        return torch.empty(meta["shape"], dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
 
 
 @lru_cache(maxsize=16)
@@ -34,10 +82,7 @@ def _load_raw(info: AdapterInfo, file: str, key: str) -> torch.Tensor:
     path = os.path.join(info.path, file)
     try:
         if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt", device="cpu") as f:
-                return f.get_tensor(key)
+            return read_safetensors_tensor(path, key)
         return _bin_loader(path).get_tensor(key)
     except Exception as e:
         raise AdapterError(

@@ -28,26 +28,10 @@ import torch
 from mergekit.io.tasks import TensorWriterTask
 from pydantic import ConfigDict
 
-# safetensors dtype codes, in the order of safetensors' Dtype enum: within a file, tensors
-# are laid out by this rank descending, then by name (safetensors' own serializer order).
-_CODES = (
-    (torch.bool, "BOOL"),
-    (torch.uint8, "U8"),
-    (torch.int8, "I8"),
-    (torch.float8_e5m2, "F8_E5M2"),
-    (torch.float8_e4m3fn, "F8_E4M3"),
-    (torch.int16, "I16"),
-    (torch.uint16, "U16"),
-    (torch.float16, "F16"),
-    (torch.bfloat16, "BF16"),
-    (torch.int32, "I32"),
-    (torch.uint32, "U32"),
-    (torch.float32, "F32"),
-    (torch.complex64, "C64"),
-    (torch.float64, "F64"),
-    (torch.int64, "I64"),
-    (torch.uint64, "U64"),
-)
+from mergekit_ctm.adapters.loading import SAFETENSORS_DTYPES as _CODES
+
+# within a file, tensors are laid out by this rank descending, then by name (safetensors'
+# own serializer order)
 CODE = {dt: code for dt, code in _CODES}
 DTYPE = {code: dt for dt, code in _CODES}
 _RANK = {code: i for i, (_, code) in enumerate(_CODES)}

@@ -223,3 +223,29 @@ def test_hub_id_from_local_cache(adapters, tmp_path, monkeypatch):
     assert set(info.modules) == set(read_adapter(adapters["linear"]).modules)
     with pytest.raises(AdapterError, match="'someone/other-lora'.*hub"):
         read_adapter("someone/other-lora", cache_dir=str(tmp_path / "hub"))
+
+
+def test_read_safetensors_tensor_equals_safetensors_for_every_dtype(tmp_path):
+    """Tensors read at their offsets equal safetensors' own reader, for every dtype the
+    format has (empty and 0-d tensors included), and a rewritten file is read anew."""
+    from safetensors.torch import save_file
+
+    from mergekit_ctm.adapters.loading import SAFETENSORS_DTYPES, read_safetensors_tensor
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"t_{code}": (torch.randn(3, 5, generator=g) * 40).to(dt) for dt, code in SAFETENSORS_DTYPES
+    }
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["scalar"] = torch.tensor(2.5, dtype=torch.bfloat16)
+    path = str(tmp_path / "x.safetensors")
+    save_file(tensors, path)
+    with safe_open(path, framework="pt") as f:
+        for key in tensors:
+            want, got = f.get_tensor(key), read_safetensors_tensor(path, key)
+            assert got.dtype == want.dtype and got.shape == want.shape, key
+            assert torch.equal(
+                got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+            ), key
+    save_file({"t_F32": torch.ones(2)}, path)  # same path, new content
+    assert torch.equal(read_safetensors_tensor(path, "t_F32"), torch.ones(2))
