@@ -257,6 +257,17 @@ def _run_adapter_recipe(text: str, path: str, kwargs: dict[str, Any]) -> Any:
     )
 
 
+def _invalid_recipe(path: Any, exc: Any) -> Exception:
+    """mergekit's pydantic ValidationError as one RecipeError line: the first error's location
+    and message, and how many more there are."""
+    from mergekit_ctm.recipe.model import RecipeError
+
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ())) or "recipe"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return RecipeError(f"{path}: invalid recipe: {loc}: {first.get('msg')}{more}")
+
+
 def wrap_run_yaml(module: Any) -> None:
     """Make ``mergekit-yaml`` (mergekit.scripts.run_yaml.main) fail in one line (idempotent)."""
     command = module.main
@@ -286,14 +297,7 @@ def wrap_run_yaml(module: Any) -> None:
             try:
                 return original(*args, **kwargs)
             except pydantic.ValidationError as exc:
-                from mergekit_ctm.recipe.model import RecipeError
-
-                first = exc.errors()[0]
-                loc = ".".join(str(p) for p in first.get("loc", ())) or "recipe"
-                raise RecipeError(
-                    f"{path}: invalid recipe: {loc}: {first.get('msg')}"
-                    + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")
-                ) from None
+                raise _invalid_recipe(path, exc) from None
 
     setattr(callback, _MARK, original)
     command.callback = callback
@@ -318,13 +322,7 @@ def wrap_multimerge(module: Any) -> None:
             try:
                 return original(*args, **kwargs)
             except pydantic.ValidationError as exc:
-                from mergekit_ctm.recipe.model import RecipeError
-
-                first = exc.errors()[0]
-                loc = ".".join(str(p) for p in first.get("loc", ())) or "recipe"
-                raise RecipeError(
-                    f"{kwargs.get('config_file')}: invalid recipe: {loc}: {first.get('msg')}"
-                ) from None
+                raise _invalid_recipe(kwargs.get("config_file"), exc) from None
 
     setattr(callback, _MARK, original)
     command.callback = callback

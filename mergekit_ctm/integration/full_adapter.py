@@ -38,10 +38,10 @@ from mergekit.options import MergeOptions
 from mergekit_ctm.adapters.peft_lora import PEFT_PREFIX, stores_transposed, swap_layout
 from mergekit_ctm.adapters.writer import (
     build_adapter_config,
-    consolidate_shards,
     peft_tensor_names,
 )
 from mergekit_ctm.plan import card, output
+from mergekit_ctm.plan.tasks import close_adapter_files
 from mergekit_ctm.recipe.model import RecipeError
 
 LOG = logging.getLogger(__name__)
@@ -291,15 +291,14 @@ class FinalizeFullAdapter(Task[dict]):
         return True
 
     def execute(self, writer: Any, **kwargs: Any) -> dict:
-        writer.finalize()
-        consolidate_shards(self.out_path, "adapter_model")
         produced = [kwargs[f"rank_{i}"] for i in range(len(self.rank_tasks))]
-        ranks = {m: k for m, k, _ in produced if k > 0}
-        if not ranks:
-            raise RecipeError(
-                "output: adapter: every linear layer's merged update is zero (the fine-tunes "
-                "equal the base there, or their updates cancel): there is no LoRA to write"
-            )
+        ranks = close_adapter_files(
+            writer,
+            self.out_path,
+            produced,
+            "output: adapter: every linear layer's merged update is zero (the fine-tunes "
+            "equal the base there, or their updates cancel): there is no LoRA to write",
+        )
         r = self.rank or max(ranks.values())  # core_space without rank: Σ task ranks
         config = build_adapter_config(
             ranks,

@@ -283,6 +283,22 @@ class MergeDense(Task[torch.Tensor]):
         return ref + merged
 
 
+def close_adapter_files(
+    writer: Any, out_path: str, produced: list[tuple[str, int, Any]], nothing: str
+) -> dict[str, int]:
+    """Close the writer and join its shards into adapter_model.safetensors; returns the ranks
+    produced (module -> k > 0 of each (module, k, requested) in ``produced``), or raises
+    RecipeError(``nothing``) when every module's update is zero."""
+    writer.finalize()
+    consolidate_shards(out_path, "adapter_model")
+    ranks = {m: k for m, k, _ in produced if k > 0}
+    if not ranks:
+        from mergekit_ctm.recipe import RecipeError
+
+        raise RecipeError(nothing)
+    return ranks
+
+
 class FinalizeAdapter(Task[dict]):
     """Close the writer, then write adapter_config.json from the ranks actually produced."""
 
@@ -309,18 +325,15 @@ class FinalizeAdapter(Task[dict]):
 
         from mergekit_ctm.adapters import build_adapter_config
 
-        writer.finalize()
-        consolidate_shards(self.out_path, "adapter_model")
         produced = [kwargs[f"rank_{i}"] for i in range(len(self.rank_tasks))]
-        ranks = {m: k for m, k, _ in produced if k > 0}
+        ranks = close_adapter_files(
+            writer,
+            self.out_path,
+            produced,
+            "every module's merged update is zero (the adapters' updates are all zero, or "
+            "they cancel): there is no LoRA to write",
+        )
         requested = {m: r for m, _, r in produced}
-        if not ranks:
-            from mergekit_ctm.recipe import RecipeError
-
-            raise RecipeError(
-                "every module's merged update is zero (the adapters' updates are all zero, or "
-                "they cancel): there is no LoRA to write"
-            )
         r = self.rank if self.rank is not None else max(ranks.values())
         config = build_adapter_config(
             ranks,
