@@ -25,11 +25,19 @@ _MARK = "__mergekit_ctm_original__"
 
 
 def _model_refs(merge_config: Any) -> list[str]:
+    """The input models of ``models:``, or of every ``slices:`` source."""
     if isinstance(merge_config, dict):
         models = merge_config.get("models")
         models = models if isinstance(models, list) else []
+        slices = merge_config.get("slices")
+        for s in slices if isinstance(slices, list) else []:
+            sources = s.get("sources") if isinstance(s, dict) else None
+            models += sources if isinstance(sources, list) else []
         return [str(m.get("model") if isinstance(m, dict) else m) for m in models]
-    return [str(m.model) for m in getattr(merge_config, "models", None) or []]
+    refs = [str(m.model) for m in getattr(merge_config, "models", None) or []]
+    for s in getattr(merge_config, "slices", None) or []:
+        refs += [str(src.model) for src in s.sources]
+    return refs
 
 
 def is_full_checkpoint(ref: str) -> bool:
