@@ -62,6 +62,11 @@ def dense_delta(
     return merge_matrices(deltas, rule, dict(params), seed=seed)
 
 
+def is_low_rank(base: torch.Tensor, metadata: Any) -> bool:
+    """A 2-D weight without a vocabulary axis: merged through low-rank factors."""
+    return base.ndim == 2 and getattr(metadata, "vocabulary_axis", None) is None
+
+
 def merge_full_tensor(
     method: str, group: TensorGroup, parameters: Mapping[str, Any]
 ) -> torch.Tensor:
@@ -86,8 +91,7 @@ def merge_full_tensor(
         if k in names and v is not None and not (isinstance(v, list) and None in v)
     }
 
-    low_rank = base.ndim == 2 and group.metadata.vocabulary_axis is None
-    if not low_rank:
+    if not is_low_rank(base, group.metadata):
         delta = lam * dense_delta(deltas, rule, rule_values, seed)
         return (base.to(math) + delta).to(base.dtype)
     if not any(bool(d.any()) for d in deltas):
