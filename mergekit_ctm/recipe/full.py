@@ -173,15 +173,13 @@ def read_checkpoint(label: str, ref: str) -> Checkpoint:
         else:  # unpickled onto the meta device: shapes and dtypes, no tensor data
             state = torch.load(file, map_location="meta", weights_only=True)
             state = state.get("state_dict", state)
-            code = {v: k for k, v in _TORCH_CODES(torch).items()}
-            found.update({k: (code.get(v.dtype, str(v.dtype)), tuple(v.shape))
+            found.update({k: (_BIN_CODES.get(str(v.dtype), str(v.dtype)), tuple(v.shape))
                           for k, v in state.items()})  # fmt: skip
     return Checkpoint(label, ref, path, found, shards=len(shards))
 
 
-def _TORCH_CODES(torch: Any) -> dict[str, Any]:  # noqa: N802
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-            "BF16": torch.bfloat16}  # fmt: skip
+_BIN_CODES = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16",
+              "torch.bfloat16": "BF16"}  # fmt: skip
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -229,7 +227,6 @@ def build_full_plan(
 
     from mergekit_ctm.integration.dispatch import check_recipe_text
     from mergekit_ctm.integration.full_checkpoints import is_low_rank
-    from mergekit_ctm.recipe.validate import _base_rule_of
 
     check_recipe_text(text, where)
     raw = load_yaml(text, where)
@@ -241,9 +238,9 @@ def build_full_plan(
             loc = ".".join(str(p) for p in first.get("loc", ())) or "recipe"
             exc = f"{loc}: {first.get('msg')}"
         raise RecipeError(f"{where}: invalid recipe: {exc}") from None
-    base_ref = str(config.base_model) if config.base_model else None
-    if base_ref is None:  # every slice names its own base (checked): take the first
-        base_ref = str(config.slices[0].base_model)
+    # Without a top-level base_model every slice names its own (checked): take the first.
+    base_ref_obj = config.base_model or config.slices[0].base_model
+    base_ref = str(base_ref_obj)
     inputs = _inputs(raw)
     base = read_checkpoint("base_model", base_ref)
     models = tuple(read_checkpoint(label, ref) for label, ref in inputs if ref != base_ref)
@@ -251,7 +248,9 @@ def build_full_plan(
     for other in models:
         notes += compare_to_base(base, other)
 
-    base_ref_obj = config.base_model or config.slices[0].base_model
+    if any(c.tensors is None for c in (base, *models)):
+        notes.append("tensors not classified (low-rank or dense): a model is not on this machine")
+        return _plan(raw, base, models, (), "?", out_shard_size, notes)
     try:
         arch = get_architecture_info(config, MergeOptions())
         base_config = base_ref_obj.config()
@@ -260,15 +259,28 @@ def build_full_plan(
     except Exception as exc:  # mergekit cannot plan it: neither could the merge
         raise RecipeError(f"{where}: mergekit cannot plan this model: {exc}") from None
     tensors = []
-    if base.tensors is not None:
-        for w in weights:
-            names = (w.name, *(w.aliases or ()), *(w.tied_names or ()))
-            name = next((n for n in names if n in base.tensors), None)
-            if name is None:
-                continue  # optional, or tied to a tensor written once
-            dtype, shape = base.tensors[name]
-            meta = torch.empty(shape, device="meta")
-            tensors.append(TensorPlan(w.name, shape, dtype, is_low_rank(meta, w)))
+    for w in weights:
+        names = (w.name, *(w.aliases or ()), *(w.tied_names or ()))
+        name = next((n for n in names if n in base.tensors), None)
+        if name is None:
+            continue  # optional, or tied to a tensor written once
+        dtype, shape = base.tensors[name]
+        meta = torch.empty(shape, device="meta")  # the merge's predicate takes a tensor
+        tensors.append(TensorPlan(w.name, shape, dtype, is_low_rank(meta, w)))
+    return _plan(raw, base, models, tuple(tensors), arch_name, out_shard_size, notes)
+
+
+def _plan(
+    raw: Mapping[str, Any],
+    base: Checkpoint,
+    models: tuple[Checkpoint, ...],
+    tensors: tuple[TensorPlan, ...],
+    architecture: str,
+    out_shard_size: int,
+    notes: list[str],
+) -> FullPlan:
+    from mergekit_ctm.recipe.validate import _base_rule_of
+
     params = raw.get("parameters") or {}
     return FullPlan(
         method=raw["merge_method"],
@@ -278,10 +290,10 @@ def build_full_plan(
         out_dtype=raw.get("out_dtype"),
         rank=_plain(params.get("rank")),
         task_rank=_plain(params.get("task_rank")),
-        architecture=arch_name,
+        architecture=architecture,
         base=base,
         models=models,
-        tensors=tuple(tensors),
+        tensors=tensors,
         out_shard_size=out_shard_size,
         notes=notes,
     )
