@@ -184,7 +184,8 @@ def describe_full_plan(plan: FullPlan) -> str:
             f"({peak / 2**20:.2f} MiB for its largest tensor in flight, {largest.name}, with "
             f"{len(plan.models)} fine-tunes; {plan.writer_bytes() / 2**20:.2f} MiB of "
             f"mergekit's writer buffer, up to --out-shard-size {plan.out_shard_size}; plus "
-            "the interpreter and torch)"
+            f"the interpreter and torch, and up to {plan.mapped_bytes() / 2**20:.2f} MiB of "
+            "the inputs' file pages, which mergekit maps and the kernel may drop)"
         )
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

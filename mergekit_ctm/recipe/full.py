@@ -20,8 +20,11 @@ else the stored one) and math item size c (8 for float64, else 4):
     result     2 · N · c + N · s        B A (or the dense merge), the sum, the cast back
 
 plus mergekit's writer buffer: the output tensors it holds until a shard is full,
-min(``--out-shard-size``, the whole output). It is an estimate above the interpreter, torch
-and mergekit's own caches, not a bound.
+min(``--out-shard-size``, the whole output). It is an estimate of anonymous memory above the
+interpreter and torch, not a bound (bench/full_validate.py: the measured anonymous peak was
+0.56-0.67 of it). mergekit's loader reads the inputs through mmap, so their file pages, up to
+the inputs' total size, show in RSS on top (``FullPlan.mapped_bytes``); the kernel may drop
+them under memory pressure.
 """
 
 from __future__ import annotations
@@ -105,6 +108,12 @@ class FullPlan:
         return sum(
             math.prod(t.shape) * (ITEM_BYTES[out] if out else self.in_item(t)) for t in self.tensors
         )
+
+    def mapped_bytes(self) -> int:
+        """The inputs' stored size: mergekit reads them through mmap, so up to this many bytes
+        of file pages show in RSS beside the estimate (the kernel may drop them)."""
+        stored = sum(math.prod(t.shape) * ITEM_BYTES.get(t.dtype, 4) for t in self.tensors)
+        return (len(self.models) + 1) * stored
 
     def writer_bytes(self) -> int:
         return min(self.out_shard_size, self.output_bytes())

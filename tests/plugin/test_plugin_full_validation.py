@@ -284,6 +284,7 @@ def test_validate_report(checkpoints, tmp_path, monkeypatch):  # noqa: F811
     want = (largest + 100_000) / 2**20
     assert f"estimated peak working memory: {want:.2f} MiB" in report
     assert f"{largest / 2**20:.2f} MiB for its largest tensor" in report
+    assert f"up to {3 * model_bytes / 2**20:.2f} MiB of the inputs' file pages" in report
     assert _inputs_tree(ck) == before and sorted(p.name for p in root.iterdir()) == ["recipe.yml"]
 
 
