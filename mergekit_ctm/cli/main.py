@@ -12,6 +12,7 @@ import click
 from mergekit.options import MergeOptions, add_merge_options
 
 import mergekit_ctm
+from mergekit_ctm.engine.methods import METHOD_NAMES
 from mergekit_ctm.errors import one_line_errors
 
 PROG = "mergekit-ctm"
@@ -33,7 +34,9 @@ def main() -> None:
 
 
 @main.command(
-    "merge", help="Merge the adapters of RECIPE into OUT (same options as mergekit-yaml)."
+    "merge",
+    help="Merge the adapters (or full fine-tunes) of RECIPE into OUT (same options as "
+    "mergekit-yaml).",
 )
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_path")
@@ -44,6 +47,11 @@ def merge_cmd(merge_options: MergeOptions, recipe: str, out_path: str) -> None:
     merge_options.apply_global_options()
     with one_line_errors(PROG):
         text = _read(recipe)
+        if _full_checkpoints(text, recipe):
+            _merge_full(text, recipe, out_path, merge_options)
+            if not merge_options.quiet:
+                click.echo(f"wrote {out_path}")
+            return
         result = run_adapter_merge(
             text, out_path, merge_options, config_source=text, recipe_path=recipe
         )
@@ -52,19 +60,77 @@ def merge_cmd(merge_options: MergeOptions, recipe: str, out_path: str) -> None:
         click.echo(f"wrote {out_path}" + (f" ({len(ranks)} modules)" if ranks else ""))
 
 
+def _full_checkpoints(text: str, recipe: str) -> bool:
+    """One of our methods over full checkpoints (mergekit's planner, our kernel per tensor)."""
+    from mergekit_ctm.integration.dispatch import is_adapter_recipe
+    from mergekit_ctm.recipe.model import load_yaml
+
+    raw = load_yaml(text, recipe)
+    return (
+        isinstance(raw, dict)
+        and raw.get("merge_method") in METHOD_NAMES
+        and not is_adapter_recipe(raw)
+    )
+
+
+def _merge_full(text: str, recipe: str, out_path: str, options: MergeOptions) -> None:
+    """Exactly what ``mergekit-yaml RECIPE OUT`` does with a full-checkpoint recipe: our recipe
+    checks, mergekit's ``MergeConfiguration``, then ``run_merge`` (our dispatch: mergekit's
+    planner with our kernel per tensor)."""
+    import pydantic
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    from mergekit_ctm.integration.dispatch import check_recipe_text
+    from mergekit_ctm.recipe import RecipeError
+    from mergekit_ctm.recipe.model import load_yaml
+
+    check_recipe_text(text, recipe)
+    try:
+        config = MergeConfiguration.model_validate(load_yaml(text, recipe))
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "recipe"
+        raise RecipeError(f"{recipe}: invalid recipe: {loc}: {first.get('msg')}") from None
+    run_merge(config, out_path, options=options, config_source=text)
+
+
 @main.command(
     "validate",
-    help="Check RECIPE and every adapter (every tensor finite); print the plan (no merge math).",
+    help="Check RECIPE and every input (adapters: every tensor finite; full checkpoints: "
+    "tensor names and shapes from their headers); print the plan (no merge math).",
 )
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--random-seed", type=int, default=None, help="seed used for per-module seeds")
-def validate_cmd(recipe: str, random_seed: int | None) -> None:
-    from mergekit_ctm.cli.report import describe_plan
+@click.option(
+    "--out-shard-size",
+    type=str,
+    default="5B",
+    show_default=True,
+    help="full checkpoints: mergekit-yaml's --out-shard-size (bytes its writer buffers)",
+)
+def validate_cmd(recipe: str, random_seed: int | None, out_shard_size: str) -> None:
+    from mergekit.common import parse_kmb
+
+    from mergekit_ctm.cli.report import describe_full_plan, describe_plan
     from mergekit_ctm.recipe import build_plan
+    from mergekit_ctm.recipe.full import build_full_plan
     from mergekit_ctm.recipe.validate import check_tensor_values
 
     with one_line_errors(PROG):
-        plan = build_plan(_read(recipe), random_seed=random_seed)
+        text = _read(recipe)
+        if _full_checkpoints(text, recipe):
+            try:
+                shard = int(parse_kmb(out_shard_size))
+            except (ValueError, IndexError):
+                from mergekit_ctm.recipe import RecipeError
+
+                raise RecipeError(
+                    f"--out-shard-size: {out_shard_size!r} is not a size (e.g. 5B, 500M)"
+                ) from None
+            click.echo(describe_full_plan(build_full_plan(text, recipe, out_shard_size=shard)))
+            return
+        plan = build_plan(text, random_seed=random_seed)
         check_tensor_values(plan)
         click.echo(describe_plan(plan))
 

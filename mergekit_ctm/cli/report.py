@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 
 from mergekit_ctm.adapters import AdapterError, load_factors, read_adapter
 from mergekit_ctm.recipe import MergePlan, ModulePlan
+from mergekit_ctm.recipe.full import ITEM_BYTES, FullPlan, shape_text
 
 
 def output_rank(plan: MergePlan, module: ModulePlan) -> int:
@@ -132,6 +134,61 @@ def _base_detail(plan: MergePlan) -> str:
         "hub": " (hub id, not checked offline)",
         "missing": " (not on this machine, not checked)",
     }.get(plan.base_status or "", " (no layer count in its config.json)")
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def describe_full_plan(plan: FullPlan) -> str:
+    """Human-readable report: inputs, which tensors take the low-rank path, peak memory."""
+    rule = plan.base_rule
+    size = sum(math.prod(t.shape) * ITEM_BYTES.get(t.dtype, 4) for t in plan.tensors)
+    lines = [
+        f"recipe OK: merge_method {plan.method}" + (f", base_rule {rule}" if rule else "")
+        + f", output {plan.output}, dtype {plan.dtype or '(as stored)'} -> "
+        f"{plan.out_dtype or plan.dtype or '(as stored)'}; full checkpoints, merged by "
+        "mergekit's planner one tensor at a time",
+        f"base model: {plan.base.ref} ({plan.architecture}"
+        + (f", {plan.base.shards} shard(s), {len(plan.base.tensors)} tensors, "
+           f"{size / 2**20:.2f} MiB)" if plan.base.tensors is not None else ", not checked)"),
+        f"fine-tunes ({len(plan.models)}):",
+    ]  # fmt: skip
+    for i, m in enumerate(plan.models):
+        state = (
+            "not checked" if m.tensors is None
+            else f"{m.shards} shard(s), every base tensor present with the base's shape"
+        )  # fmt: skip
+        lines.append(f"  [{i}] {m.label} {m.ref}: {state}")
+    low = [t for t in plan.tensors if t.low_rank]
+    k = plan.task_rank or plan.rank
+    lines.append(
+        f"tensors ({len(plan.tensors)}): {len(low)} low-rank (2-D, no vocabulary axis: each "
+        f"ΔW_t compressed to rank {k or 'min(n, m)'}, merged to rank "
+        f"{plan.rank or '(lossless)'}), {len(plan.tensors) - len(low)} dense "
+        f"({'base rule ' + rule if rule else 'mean'} on ΔW_t)"
+    )
+    groups: dict[tuple[str, tuple[int, ...], bool], int] = {}
+    for t in plan.tensors:
+        key = (_LAYER.sub(".*.", t.name), t.shape, t.low_rank)
+        groups[key] = groups.get(key, 0) + 1
+    width = max((len(n) for n, _, _ in groups), default=10)
+    for (name, shape, lr), count in groups.items():
+        lines.append(
+            f"  {name.ljust(width)}  {shape_text(shape):>11}  ×{count:<3} "
+            + ("low-rank" if lr else "dense")
+        )
+    largest, peak = plan.largest()
+    if largest is not None:
+        lines.append(
+            f"estimated peak working memory: {plan.peak_bytes() / 2**20:.2f} MiB "
+            f"({peak / 2**20:.2f} MiB for its largest tensor in flight, {largest.name}, with "
+            f"{len(plan.models)} fine-tunes; {plan.writer_bytes() / 2**20:.2f} MiB of "
+            f"mergekit's writer buffer, up to --out-shard-size {plan.out_shard_size}; plus "
+            f"the interpreter and torch, and up to {plan.mapped_bytes() / 2**20:.2f} MiB of "
+            "the inputs' file pages, which mergekit maps and the kernel may drop)"
+        )
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
 
 
 @dataclass

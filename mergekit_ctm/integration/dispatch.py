@@ -24,20 +24,26 @@ from mergekit_ctm.recipe.model import load_yaml
 _MARK = "__mergekit_ctm_original__"
 
 
+def _field(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+
+def _items(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else []
+
+
 def _model_refs(merge_config: Any) -> list[str]:
-    """The input models of ``models:``, or of every ``slices:`` source."""
-    if isinstance(merge_config, dict):
-        models = merge_config.get("models")
-        models = models if isinstance(models, list) else []
-        slices = merge_config.get("slices")
-        for s in slices if isinstance(slices, list) else []:
-            sources = s.get("sources") if isinstance(s, dict) else None
-            models += sources if isinstance(sources, list) else []
-        return [str(m.get("model") if isinstance(m, dict) else m) for m in models]
-    refs = [str(m.model) for m in getattr(merge_config, "models", None) or []]
-    for s in getattr(merge_config, "slices", None) or []:
-        refs += [str(src.model) for src in s.sources]
-    return refs
+    """The input models of ``models:``, of every ``slices:`` source, and of the same under
+    each ``modules:`` entry; from a recipe dict or a MergeConfiguration (never modified)."""
+    groups = [merge_config]
+    modules = _field(merge_config, "modules")
+    groups += list(modules.values()) if isinstance(modules, dict) else []
+    entries: list[Any] = []
+    for group in groups:
+        entries += _items(_field(group, "models"))
+        for s in _items(_field(group, "slices")):
+            entries += _items(_field(s, "sources"))
+    return [str(m if isinstance(m, str) else _field(m, "model")) for m in entries]
 
 
 def is_full_checkpoint(ref: str) -> bool:

@@ -7,10 +7,13 @@ the error names the nearest valid key.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
-from mergekit.config import ParameterSetting
+from mergekit.config import ConditionalParameter, ParameterSetting
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from mergekit_ctm.errors import InputError
@@ -121,7 +124,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _drop_nulls(parameters: Any) -> Any:
+def drop_nulls(parameters: Any) -> Any:
     """`name: null` in a `parameters:` mapping means "not set: use the default"."""
     if isinstance(parameters, dict):
         return {k: v for k, v in parameters.items() if v is not None}
@@ -148,6 +151,85 @@ def _format_error(err: dict[str, Any], raw: Any) -> str:
     if err.get("type") == "missing":
         return f"{path}: required key is missing"
     return f"{path}: {err.get('msg')} (got {err.get('input')!r})"
+
+
+def _unknown(where: str, key: Any, valid: Sequence[str]) -> str:
+    return f"{where}: unknown key {key!r}{suggest(key, valid)}. Valid keys: {', '.join(valid)}"
+
+
+def setting_keys(parameters: Any, where: str) -> list[str]:
+    """Unknown keys of the ``{value: ..., filter: ...}`` entries of a ``parameters:`` mapping.
+
+    pydantic ignores them in mergekit's ``ConditionalParameter``, so ``{value: 0.5, fliter:
+    mlp}`` would apply 0.5 to every tensor; ``where`` labels the mapping (``parameters``)."""
+    valid = list(ConditionalParameter.model_fields)
+    errors: list[str] = []
+    for name, setting in parameters.items() if isinstance(parameters, dict) else ():
+        entries = setting if isinstance(setting, list) else [setting]
+        for k, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                continue
+            at = f"{where}.{name}" + (f"[{k}]" if isinstance(setting, list) else "")
+            errors += [_unknown(at, key, valid) for key in entry if key not in valid]
+    return errors
+
+
+def _nested_model(annotation: Any) -> tuple[str, type[BaseModel]] | None:
+    """("one" | "list" | "dict", M) when a field holds one pydantic model M (Optional allowed),
+    a list of them or a str-keyed mapping of them; None otherwise (or when ambiguous)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        found = [n for a in args if a is not type(None) and (n := _nested_model(a)) is not None]
+        return found[0] if len(found) == 1 else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "one", annotation
+    if origin in (list, dict) and args:
+        inner = _nested_model(args[-1])
+        if inner is not None and inner[0] == "one":
+            return ("list" if origin is list else "dict"), inner[1]
+    return None
+
+
+def unknown_keys(
+    raw: Any, model: type[BaseModel], where: str = "recipe", extra: Sequence[str] = ()
+) -> list[str]:
+    """Every key of ``raw`` (a recipe mapping) that pydantic model ``model`` would silently
+    drop, recursively through the nested models its fields declare (mergekit's
+    ``MergeConfiguration``: ``models[i]``, ``slices[i]``, ``slices[i].sources[j]``,
+    ``modules.<name>``, ``tokenizer``, ...) and the ``{value, filter}`` entries of every
+    ``parameters:``. Valid keys are read from the model classes, so a field a new mergekit
+    adds is accepted without a change here; ``extra`` adds top-level keys of ours.
+
+    One message per key, in the style of adapter recipes: ``where: unknown key 'x' (did you
+    mean 'y'?). Valid keys: ...``."""
+    if not isinstance(raw, dict):
+        return []
+    fields = model.model_fields
+    valid = [*fields, *(k for k in extra if k not in fields)]
+    errors: list[str] = []
+    for key, value in raw.items():
+        if key not in valid:
+            errors.append(_unknown(where, key, valid))
+            continue
+        if key not in fields:
+            continue
+        label = key if where == "recipe" else f"{where}.{key}"
+        if key == "parameters":
+            errors += setting_keys(value, label)
+            continue
+        nested = _nested_model(fields[key].annotation)
+        if nested is None:
+            continue
+        shape, inner = nested
+        if shape == "one":
+            errors += unknown_keys(value, inner, label)
+        elif shape == "list" and isinstance(value, list):
+            for i, item in enumerate(value):
+                errors += unknown_keys(item, inner, f"{label}[{i}]")
+        elif shape == "dict" and isinstance(value, dict):
+            for name, item in value.items():
+                errors += unknown_keys(item, inner, f"{label}.{name}")
+    return errors
 
 
 def join_errors(head: str, errors: list[str]) -> str:
@@ -190,18 +272,25 @@ def parse_recipe(source: str | dict[str, Any]) -> Recipe:
         # A bare string entry is shorthand for {model: ...}.
         raw = {**raw, "models": [{"model": m} if isinstance(m, str) else m for m in raw["models"]]}
         raw["models"] = [
-            {**m, "parameters": _drop_nulls(m["parameters"])}
+            {**m, "parameters": drop_nulls(m["parameters"])}
             if isinstance(m, dict) and "parameters" in m
             else m
             for m in raw["models"]
         ]
     if "parameters" in raw:
-        raw = {**raw, "parameters": _drop_nulls(raw["parameters"])}
+        raw = {**raw, "parameters": drop_nulls(raw["parameters"])}
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         lines = [_format_error(e, raw) for e in exc.errors()]
         raise RecipeError(join_errors("invalid recipe", lines)) from None
+    where = [("parameters", raw.get("parameters"))] + [
+        (f"models[{i}].parameters", m.get("parameters"))
+        for i, m in enumerate(raw["models"])
+        if isinstance(m, dict)
+    ]
+    if lines := [e for label, scope in where for e in setting_keys(scope, label)]:
+        raise RecipeError(join_errors("invalid recipe", lines))
     if recipe.tokenizer_source not in (None, "base"):
         raise RecipeError(
             f"tokenizer_source: {recipe.tokenizer_source!r} is not supported for adapter merges; "

@@ -31,7 +31,14 @@ from mergekit_ctm.adapters.peft_lora import AdapterInfo, read_adapter
 from mergekit_ctm.engine import rules as rules_mod
 from mergekit_ctm.engine.methods import DEFAULT_BASE_RULE, METHOD_NAMES, METHODS
 from mergekit_ctm.engine.rules import RuleError, rule_names
-from mergekit_ctm.recipe.model import Recipe, RecipeError, join_errors, parse_recipe, suggest
+from mergekit_ctm.recipe.model import (
+    Recipe,
+    RecipeError,
+    drop_nulls,
+    join_errors,
+    parse_recipe,
+    suggest,
+)
 from mergekit_ctm.recipe.params import rule_specs, rules_taking
 
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
@@ -151,9 +158,41 @@ def _where(model: int | None, adapters: Sequence[Any]) -> str:
     return "parameters" if model is None else f"models[{model}] ({adapters[model]}).parameters"
 
 
+@dataclass(frozen=True)
+class Level:
+    """One ``parameters:`` mapping of a recipe: where it is (as the messages name it), its
+    values, and whether it belongs to one input model (``models[i]``, a slice source) or is
+    recipe-wide (the top level, a slice, a module)."""
+
+    label: str
+    scope: Mapping[str, Any] | None
+    per_input: bool
+    top: bool = False
+
+
+def _adapter_levels(recipe: Recipe) -> list[Level]:
+    return [Level("parameters", recipe.parameters, False, True)] + [
+        Level(f"models[{i}] ({m.model}).parameters", m.parameters, True)
+        for i, m in enumerate(recipe.models)
+    ]
+
+
 def _check_parameter_names(
     recipe: Recipe, method: str, rule: str | None, extra: Sequence[ParameterSpec] = ()
 ) -> None:
+    _check_level_names(_adapter_levels(recipe), method, rule, extra)
+
+
+def _check_level_names(
+    levels: Sequence[Level],
+    method: str,
+    rule: str | None,
+    extra: Sequence[ParameterSpec] = (),
+    noun: str = "adapter",
+) -> None:
+    """Every parameter name at every level is one the method or its base rule takes there:
+    recipe-wide levels take both, per-input levels only the rule's per-input ones (weight,
+    density, ...); ``base_rule`` only at the top level. ``noun``: what an input is called."""
     own = {p.name: p for p in (*METHODS[method].parameters, *extra)}
     by_rule = {p.name: p for p in (rule_specs(rule) if rule else ())}
     per_input = {n for n, p in by_rule.items() if p.scope != ParameterScope.SHARED}
@@ -170,17 +209,24 @@ def _check_parameter_names(
             msg += f"; {method} has no base_rule, so rule parameters do not apply"
         return msg + f". Valid here: {', '.join(valid) or '(none)'}"
 
-    for name in recipe.parameters or {}:
-        if name not in own and name not in by_rule:
-            errors.append(unknown(name, "parameters", [*own, *by_rule]))
-    for i, entry in enumerate(recipe.models):
-        where = f"models[{i}] ({entry.model}).parameters"
-        names = list(entry.parameters or {})
+    for level in levels:
+        where = level.label
+        names = list(level.scope or {})
+        if not level.per_input:
+            for name in names:
+                if name not in own and name not in by_rule:
+                    errors.append(unknown(name, where, [*own, *by_rule]))
+                elif name == "base_rule" and not level.top:
+                    errors.append(
+                        f"{where}: base_rule is set once for the whole recipe; move it to the "
+                        "top-level `parameters:`"
+                    )
+            continue
         if names and not per_input:
             what = f"base_rule {rule}" if rule else f"merge_method {method}"
             errors.append(
-                f"{where}: {what} takes no per-adapter parameters (got "
-                f"{', '.join(map(repr, names))}); remove the adapter's `parameters:`"
+                f"{where}: {what} takes no per-{noun} parameters (got "
+                f"{', '.join(map(repr, names))}); remove the {noun}'s `parameters:`"
                 + (
                     f" or pick a base_rule that has them (e.g. "
                     f"{', '.join(rules_taking('weight')[:3])})"
@@ -194,7 +240,7 @@ def _check_parameter_names(
                 continue
             if name in own or name in by_rule:
                 errors.append(
-                    f"{where}: {name!r} is a recipe-wide parameter, not a per-adapter one; move "
+                    f"{where}: {name!r} is a recipe-wide parameter, not a per-{noun} one; move "
                     "it to the top-level `parameters:`"
                 )
             else:
@@ -208,9 +254,14 @@ def _all_rule_parameter_names() -> set[str]:
 
 
 def _base_rule(recipe: Recipe, method: str) -> str | None:
+    return _base_rule_of(recipe.parameters, method)
+
+
+def _base_rule_of(parameters: Mapping[str, Any] | None, method: str) -> str | None:
+    """The top-level ``parameters.base_rule`` (default: DEFAULT_BASE_RULE), checked."""
     if not METHODS[method].takes_base_rule:
         return None
-    value = (recipe.parameters or {}).get("base_rule", DEFAULT_BASE_RULE)
+    value = (parameters or {}).get("base_rule", DEFAULT_BASE_RULE)
     if not isinstance(value, str):
         raise RecipeError(
             f"parameters.base_rule must be a single rule name for the whole recipe, got {value!r}"
@@ -467,12 +518,15 @@ def _value_error(p: ParameterSpec, value: Any) -> str | None:
 def _check_values(recipe: Recipe, own_specs: Sequence[ParameterSpec], rule: str | None) -> None:
     """Every value written under ``parameters:`` (recipe and adapters), leaf by leaf, before any
     adapter is read: the error names the level where the value was set, never a module."""
+    _check_level_values(_adapter_levels(recipe), own_specs, rule)
+
+
+def _check_level_values(
+    levels: Sequence[Level], own_specs: Sequence[ParameterSpec], rule: str | None
+) -> None:
     by_name = {p.name: p for p in (*own_specs, *(rule_specs(rule) if rule else ()))}
-    levels = [("parameters", recipe.parameters)] + [
-        (f"models[{i}] ({m.model}).parameters", m.parameters) for i, m in enumerate(recipe.models)
-    ]
     errors = []
-    for level, scope in levels:
+    for level, scope in ((lv.label, lv.scope) for lv in levels):
         for name, setting in (scope or {}).items():
             p = by_name.get(name)
             if p is None or name == "base_rule":  # names and base_rule are checked already
@@ -905,10 +959,17 @@ def check_tensor_values(plan: MergePlan) -> None:
 
 def check_full_checkpoint_recipe(raw: Mapping[str, Any]) -> None:
     """Check a recipe of ``ctm``/``core_space``/``mtc``/``lora_lego`` over full checkpoints
-    before mergekit plans it: the same parameter models and messages as adapter recipes
-    (unknown names with the nearest valid one, per-adapter vs recipe-wide, types, ranges and
-    finiteness of recipe-wide values), plus ``task_rank``. Structure (slices, tokenizer) is
-    mergekit's to check."""
+    before mergekit plans it, as strictly as adapter recipes and with the same messages:
+
+    - every key mergekit's ``MergeConfiguration`` would silently drop (top level, ``models[i]``,
+      ``slices[i]``, ``slices[i].sources[j]``, ``modules.<name>``, ``tokenizer``, the
+      ``{value, filter}`` of a parameter), with the nearest valid name (:func:`unknown_keys`);
+      ``random_seed:`` is an integer (``--random-seed`` wins over it, integration/dispatch.py);
+    - the pydantic types of ``dtype``/``out_dtype``/``parameters`` of adapter recipes;
+    - parameter names and values at every level (:class:`Level`): the top level, slices and
+      modules (recipe-wide) and each model or slice source (per-model), plus ``task_rank``.
+
+    What mergekit checks well itself (one of models/slices/modules, layer ranges) stays its."""
     from mergekit_ctm.engine.methods import CHECKPOINT_PARAMETERS
 
     output = raw.get("output")
@@ -941,14 +1002,116 @@ def check_full_checkpoint_recipe(raw: Mapping[str, Any]) -> None:
                     f"apply; leave it out, or write output: model"
                 )
     keys = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype")
-    recipe = parse_recipe({k: raw[k] for k in keys if k in raw})
-    method = recipe.merge_method
-    if not recipe.base_model:
+    levels = full_recipe_levels(raw, (*keys, "random_seed"))
+    method = raw["merge_method"]
+    slices = raw.get("slices") if isinstance(raw.get("slices"), list) else []
+    if not raw.get("base_model") and not (
+        slices and all(isinstance(s, dict) and s.get("base_model") for s in slices)
+    ):
         raise RecipeError(
             f"merge_method {method} over full checkpoints needs `base_model:` (the model they "
             "were fine-tuned from): each task vector is W_t - W_base"
         )
-    rule = _base_rule(recipe, method)
-    _check_parameter_names(recipe, method, rule, CHECKPOINT_PARAMETERS)
-    for p in (*METHODS[method].parameters, *CHECKPOINT_PARAMETERS):
-        _resolve(p, (("parameters", recipe.parameters),), "model.layers.0.weight", 0.0)
+    top = levels[0].scope
+    rule = _base_rule_of(top, method)
+    _check_level_names(levels, method, rule, CHECKPOINT_PARAMETERS, noun="model")
+    own = (*METHODS[method].parameters, *CHECKPOINT_PARAMETERS)
+    _check_level_values(levels, own, rule)
+    for p in own:
+        _resolve(p, (("parameters", top),), "model.layers.0.weight", 0.0)
+    if rule:
+        _check_level_rule(levels, rule)
+
+
+def _check_level_rule(levels: Sequence[Level], rule: str) -> None:
+    """The base rule's own checks (density in [0, 1], density ± epsilon, ...) on the plain
+    values of each level over the top level's (the top level alone first, so the error names
+    the level that set the offending value). Filters and gradients depend on the tensor: the
+    kernel checks them as it runs."""
+    specs = {p.name: p for p in rule_specs(rule)}
+
+    def scalars(scope: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in (scope or {}).items()
+            if k in specs and not isinstance(v, (list, ConditionalParameter))
+        }
+
+    top = scalars(levels[0].scope)
+    for level in levels:
+        values = {**top, **scalars(level.scope)}
+        one = {k: [v] if specs[k].scope != ParameterScope.SHARED else v for k, v in values.items()}
+        try:
+            rules_mod.check_rule_params(rule, one, 1)
+        except RuleError as exc:
+            raise RecipeError(f"{level.label}: {str(exc).replace(' (adapter 0)', '')}") from None
+
+
+# Keys of ours that a full-checkpoint recipe may add to mergekit's MergeConfiguration.
+FULL_RECIPE_KEYS = ("output", "modules_to_save", "random_seed")
+
+
+def full_recipe_levels(raw: Mapping[str, Any], typed: Sequence[str]) -> list[Level]:
+    """Refuse unknown keys anywhere in a full-checkpoint recipe; check the top-level fields
+    ``typed`` against the adapter recipe model's types; return every ``parameters:`` mapping
+    as a :class:`Level` (top level first), values parsed as mergekit parses them."""
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_ctm.recipe.model import unknown_keys
+
+    errors = unknown_keys(raw, MergeConfiguration, extra=FULL_RECIPE_KEYS)
+    for key in typed:
+        if key in raw and key not in ("models", "parameters"):
+            errors += _type_errors(Recipe.model_fields[key].annotation, raw[key], key)
+    levels: list[Level] = []
+
+    def add(label: str, value: Any, per_input: bool, top: bool = False) -> None:
+        errors.extend(
+            _type_errors(Recipe.model_fields["parameters"].annotation, value, label)
+            if value is not None
+            else ()
+        )
+        if not errors:
+            parsed = _parameters_adapter().validate_python(drop_nulls(value))
+            levels.append(Level(label, parsed, per_input, top))
+
+    def inputs(entries: Any, at: str) -> None:
+        for i, m in enumerate(entries if isinstance(entries, list) else []):
+            if isinstance(m, dict):
+                add(f"{at}[{i}] ({m.get('model')}).parameters", m.get("parameters"), True)
+
+    def part(node: Mapping[str, Any], at: str) -> None:
+        inputs(node.get("models"), f"{at}models")
+        for s, sl in enumerate(node.get("slices") or []):
+            if isinstance(sl, dict):
+                add(f"{at}slices[{s}].parameters", sl.get("parameters"), False)
+                inputs(sl.get("sources"), f"{at}slices[{s}].sources")
+
+    add("parameters", raw.get("parameters"), False, top=True)
+    part(raw, "")
+    modules = raw.get("modules")
+    for name, module in modules.items() if isinstance(modules, dict) else ():
+        if isinstance(module, dict):
+            add(f"modules.{name}.parameters", module.get("parameters"), False)
+            part(module, f"modules.{name}.")
+    if errors:
+        raise RecipeError(join_errors("invalid recipe", errors))
+    return levels
+
+
+@functools.cache
+def _parameters_adapter() -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(Recipe.model_fields["parameters"].annotation)
+
+
+def _type_errors(annotation: Any, value: Any, label: str) -> list[str]:
+    """pydantic's first error for ``value`` as an ``annotation`` (nulls under a mapping
+    dropped, as for adapter recipes; a union type reports one error per member, the first
+    says enough), in parse_recipe's words: ``label.loc: msg (got input)``."""
+    try:
+        pydantic.TypeAdapter(annotation).validate_python(drop_nulls(value))
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join([label, *(str(p) for p in err.get("loc", ()))])
+        return [f"{loc}: {err.get('msg')} (got {err.get('input')!r})"]
+    return []
