@@ -1012,6 +1012,7 @@ def check_full_checkpoint_recipe(raw: Mapping[str, Any]) -> None:
             f"merge_method {method} over full checkpoints needs `base_model:` (the model they "
             "were fine-tuned from): each task vector is W_t - W_base"
         )
+    _check_no_duplicate_inputs(raw)
     top = levels[0].scope
     rule = _base_rule_of(top, method)
     _check_level_names(levels, method, rule, CHECKPOINT_PARAMETERS, noun="model")
@@ -1021,6 +1022,30 @@ def check_full_checkpoint_recipe(raw: Mapping[str, Any]) -> None:
         _resolve(p, (("parameters", top),), "model.layers.0.weight", 0.0)
     if rule:
         _check_level_rule(levels, rule)
+
+
+def _check_no_duplicate_inputs(raw: Mapping[str, Any]) -> None:
+    """mergekit merges each input of a group once (a traceback from its planner otherwise):
+    refuse a model listed twice in ``models:``, in one slice's sources or under one module."""
+    groups: list[tuple[str, Any]] = [("models", raw.get("models"))]
+    for i, s in enumerate(raw.get("slices") or []):
+        groups.append((f"slices[{i}].sources", s.get("sources") if isinstance(s, dict) else None))
+    modules = raw.get("modules")
+    for name, m in (modules if isinstance(modules, dict) else {}).items():
+        groups.append((f"modules.{name}.models", m.get("models") if isinstance(m, dict) else None))
+    for label, entries in groups:
+        seen: dict[str, int] = {}
+        for j, entry in enumerate(entries if isinstance(entries, list) else []):
+            ref = entry.get("model") if isinstance(entry, dict) else entry
+            if not isinstance(ref, str):
+                continue
+            if ref in seen:
+                raise RecipeError(
+                    f"{label}[{j}] ({ref}) is listed twice (also {label}[{seen[ref]}]); "
+                    "mergekit merges each input once: list it once and give it a larger "
+                    "`weight` instead"
+                )
+            seen[ref] = j
 
 
 def _check_level_rule(levels: Sequence[Level], rule: str) -> None:

@@ -84,6 +84,10 @@ def _set(path: str, value: Any, drop: str | None = None):
     return edit
 
 
+def _duplicate_first_model(r: dict) -> None:
+    r["models"][1] = {"model": r["models"][0]["model"]}
+
+
 # (id, recipe builder, edit, fragments of the one-line message)
 CASES = [
     ("top-paramters", _models_recipe, _set("paramters", {"rank": 3}),
@@ -125,6 +129,8 @@ CASES = [
      ("slices[0].parameters: base_rule is set once", "top-level `parameters:`")),
     ("task-rank-zero", _models_recipe, _set("parameters.task_rank", 0),
      ("'task_rank'", "greater than 0")),
+    ("duplicate-model", _models_recipe, _duplicate_first_model,
+     ("models[1] (", "is listed twice (also models[0])", "larger `weight`")),
     ("modules-model-paramters", _modules_recipe,
      _set("modules.decoder.models.1.paramters", {"weight": 2.0}),
      ("modules.decoder.models[1]: unknown key 'paramters'", "did you mean 'parameters'?")),
