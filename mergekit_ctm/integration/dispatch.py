@@ -159,21 +159,23 @@ def wrap_run_merge(module: Any) -> None:
         config_source = bound.arguments.get("config_source")
         output = check_output_kind(merge_config, config_source)
         if not is_adapter_recipe(merge_config):
-            if getattr(merge_config, "merge_method", None) in METHOD_NAMES:
-                bound.arguments["options"] = with_recipe_seed(
-                    bound.arguments.get("options"), merge_config
-                )
-            if output == "adapter":  # our method over full checkpoints (checked above)
-                from mergekit_ctm.integration.full_adapter import run_full_adapter_merge
+            if getattr(merge_config, "merge_method", None) not in METHOD_NAMES:
+                return original(*args, **kwargs)  # a stock method: mergekit's, untouched
+            from mergekit_ctm.integration import full_adapter
 
-                return run_full_adapter_merge(
-                    merge_config,
-                    bound.arguments["out_path"],
-                    options=bound.arguments.get("options"),
-                    config_source=config_source,
-                    recipe_path=_recipe_path_from_click(),
+            # our method over full checkpoints: mergekit's planner, our kernel per tensor
+            options = with_recipe_seed(bound.arguments.get("options"), merge_config)
+            where = {
+                "config_source": config_source,
+                "recipe_path": _recipe_path_from_click(),
+            }
+            if output == "adapter":
+                return full_adapter.run_full_adapter_merge(
+                    merge_config, bound.arguments["out_path"], options=options, **where
                 )
-            return original(*bound.args, **bound.kwargs)
+            return full_adapter.run_full_model_merge(
+                original, merge_config, bound.arguments["out_path"], options, **where
+            )
         from mergekit_ctm.plan.run import run_adapter_merge
 
         return run_adapter_merge(

@@ -481,9 +481,11 @@ def _identity(ref: ModelReference) -> str:
     return card.input_identity(str(ref), path, sorted(os.listdir(path)))
 
 
-def resolved_recipe(raw: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+def resolved_recipe(
+    raw: dict[str, Any], seed: int | None = None, output_kind: str = "adapter"
+) -> dict[str, Any]:
     """The recipe as run: the user's keys, the method's parameters with defaults written out,
-    ``output: adapter`` and the seed the merge used (``--random-seed``, else the recipe's)."""
+    ``output:`` and the seed the merge used (``--random-seed``, else the recipe's)."""
     from mergekit_ctm.engine.methods import METHODS
 
     recipe = {k: v for k, v in raw.items() if k != "random_seed"}
@@ -494,21 +496,36 @@ def resolved_recipe(raw: dict[str, Any], seed: int | None = None) -> dict[str, A
         if p.name not in params and p.default is not None:
             params[p.name] = p.default
     recipe["parameters"] = params
-    recipe["output"] = "adapter"
+    recipe["output"] = output_kind
     return recipe
 
 
+def _inputs(merge_config: Any) -> list[ModelReference]:
+    """The models merged: ``models:`` and every slice source, each once, in recipe order."""
+    refs = [m.model for m in merge_config.models or []]
+    for s in merge_config.slices or []:
+        refs += [src.model for src in s.sources]
+    base = merge_config.base_model
+    return [r for r in dict.fromkeys(refs) if r != base]
+
+
 def write_metadata(
-    out: str, merge_config: Any, raw: dict[str, Any], result: dict, seed: int | None
+    out: str,
+    merge_config: Any,
+    raw: dict[str, Any],
+    result: dict,
+    seed: int | None,
+    output_kind: str = "adapter",
 ) -> None:
-    """README.md (card) and mergekit_config.yml of a full-checkpoint adapter merge."""
+    """README.md (card) and mergekit_config.yml of a full-checkpoint merge (``output_kind``
+    adapter: ``result`` holds the ranks and what was kept or left out; model: unused)."""
     from mergekit_ctm.engine.methods import METHODS
 
     method = METHODS[merge_config.merge_method]
     base = str(merge_config.base_model)
-    inputs = [m.model for m in merge_config.models or []]
+    inputs = _inputs(merge_config)
     ids = [_identity(m) for m in inputs]
-    recipe = resolved_recipe(raw, seed)
+    recipe = resolved_recipe(raw, seed, output_kind)
     head = ["Written by mergekit-ctm.", card._versions_line(), f"random seed: {seed}"]
     head += [f"models[{i}] {m}: {ident}" for i, (m, ident) in enumerate(zip(inputs, ids))]
     config_yaml = yaml.safe_dump(recipe, sort_keys=False)
@@ -518,24 +535,39 @@ def write_metadata(
     meta: dict[str, Any] = {}
     if card.is_hub_id(base):
         meta["base_model"] = base
-    meta["library_name"] = "peft"
+    adapter = output_kind == "adapter"
+    if adapter:
+        meta["library_name"] = "peft"
     meta["tags"] = ["mergekit", "merge", "mergekit-ctm", merge_config.merge_method]
     rule = (merge_config.parameters or {}).get("base_rule")
-    ranks = result["ranks"]
+    how = (
+        "merged with mergekit-ctm (a [mergekit](https://github.com/arcee-ai/mergekit) plugin) "
+        f"using the `{merge_config.merge_method}` method"
+        + (f" with base rule `{rule}`" if isinstance(rule, str) else "")
+        + ". Each task vector ΔWₜ = Wₜ − W_base of a linear layer was cut to `task_rank` by a "
+        "truncated SVD, then merged; the merged update of each layer has rank at most `rank`"
+    )
+    if adapter:
+        title = (
+            f"# {method.pretty_name} merge of {len(inputs)} full fine-tuned checkpoints, as a LoRA"
+        )
+        intro = (
+            f"This LoRA adapter for `{base}` holds the merged update of every linear layer of "
+            f"{len(inputs)} full fine-tunes, {how} and is stored exactly, with scaling 1."
+        )
+    else:
+        title = f"# {method.pretty_name} merge of {len(inputs)} full fine-tuned checkpoints"
+        intro = (
+            f"This model is `{base}` plus the merged update of {len(inputs)} full fine-tunes, "
+            f"{how}. Norms, biases, embeddings and `lm_head` take the base rule densely."
+        )
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False).rstrip(),
         "---",
-        f"# {method.pretty_name} merge of {len(inputs)} full fine-tuned checkpoints, as a LoRA",
+        title,
         "",
-        f"This LoRA adapter for `{base}` holds the merged update of every linear layer of "
-        f"{len(inputs)} full fine-tunes, merged with mergekit-ctm (a "
-        "[mergekit](https://github.com/arcee-ai/mergekit) plugin) using the "
-        f"`{merge_config.merge_method}` method"
-        + (f" with base rule `{rule}`" if isinstance(rule, str) else "")
-        + ". Each task vector ΔWₜ = Wₜ − W_base was cut to `task_rank` by a truncated SVD, "
-        "then merged; the merged update of each layer has rank at most `rank` and is "
-        "stored exactly, with scaling 1.",
+        intro,
         "",
         f"Method: {method.citation}."
         + (f" <{method.reference_url}>" if method.reference_url else ""),
@@ -544,8 +576,32 @@ def write_metadata(
         "",
     ]
     lines += [f"- `{m}` ({ident})" for m, ident in zip(inputs, ids)]
+    if adapter:
+        lines += _adapter_sections(result)
+    seed_text = "none (neither `--random-seed` nor `random_seed:` given)" if seed is None else seed
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        f"Versions: {card._versions_line()}. Seed: {seed_text}.",
+        "",
+        "With the same inputs: `mergekit-yaml mergekit_config.yml out/` (the seed is in it)."
+        " The configuration:",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def _adapter_sections(result: dict) -> list[str]:
+    """The card's lines on the adapter's ranks, and on what it keeps whole or leaves out."""
+    ranks = result["ranks"]
     out_ranks = sorted(set(ranks.values()))
-    lines += ["", f"Output rank: {', '.join(map(str, out_ranks))} over {len(ranks)} modules."]
+    lines = ["", f"Output rank: {', '.join(map(str, out_ranks))} over {len(ranks)} modules."]
     if result["zero"]:
         lines += ["", "Left out, their merged update is zero: "
                   + ", ".join(f"`{m}`" for m in result["zero"]) + "."]  # fmt: skip
@@ -570,23 +626,7 @@ def write_metadata(
             "| --- | --- | --- |",
             *dropped_lines(result["dropped"]),
         ]
-    seed_text = "none (neither `--random-seed` nor `random_seed:` given)" if seed is None else seed
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        f"Versions: {card._versions_line()}. Seed: {seed_text}.",
-        "",
-        "With the same inputs: `mergekit-yaml mergekit_config.yml out/` (the seed is in it)."
-        " The configuration:",
-        "",
-        "```yaml",
-        config_yaml.rstrip(),
-        "```",
-        "",
-    ]
-    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    return lines
 
 
 def run_full_adapter_merge(
@@ -609,12 +649,7 @@ def run_full_adapter_merge(
     check_full_checkpoint_recipe({**raw, "output": "adapter"})
     if not isinstance(merge_config, MergeConfiguration):
         merge_config = MergeConfiguration.model_validate(raw)
-    inputs = [("base model", _local_dir(merge_config.base_model))]
-    inputs += [(f"input model models[{i}]", _local_dir(m.model))
-               for i, m in enumerate(merge_config.models or [])]  # fmt: skip
-    if recipe_path:
-        inputs.append(("recipe", recipe_path))
-    output.check_output_path(out_path, [(w, p) for w, p in inputs if p])
+    output.check_output_path(out_path, full_inputs(merge_config, recipe_path))
     _check_device(options)
     if options.random_seed is not None:
         import transformers
@@ -636,6 +671,57 @@ def run_full_adapter_merge(
             write_metadata(stage.path, merge_config, raw, result, options.random_seed)
         result["files"] = stage.commit()
         return result
+    except BaseException:
+        stage.discard()
+        raise
+
+
+def full_inputs(merge_config: Any, recipe_path: str | None) -> list[tuple[str, str]]:
+    """(what, local directory) of everything a full-checkpoint merge reads: the output may
+    not overwrite them (plan/output.py)."""
+    inputs = [("base model", _local_dir(merge_config.base_model))]
+    inputs += [(f"input model {ref}", _local_dir(ref)) for ref in _inputs(merge_config)]
+    if recipe_path:
+        inputs.append(("recipe", recipe_path))
+    return [(what, path) for what, path in inputs if path]
+
+
+def run_full_model_merge(
+    original: Any,
+    merge_config: Any,
+    out_path: str,
+    options: MergeOptions,
+    config_source: str | None = None,
+    recipe_path: str | None = None,
+) -> None:
+    """``output: model`` of our methods over full checkpoints: mergekit's ``run_merge``
+    (``original``) writes into a staging directory, installed by plan/output.py, so an output
+    that is an input is refused before any work, nothing appears unless the merge succeeded,
+    and in an existing directory only the files the merge writes are replaced (mergekit alone
+    writes into the output as it goes: ``mergekit-yaml r.yml base/`` overwrote the base).
+
+    The card and mergekit_config.yml are ours, as for every output of ours (versions, seed,
+    the inputs' hashes, the recipe as resolved). mergekit's card is turned off: it asks the
+    Hub whether a relative local path is a repository, a traceback when offline."""
+    from mergekit.config import MergeConfiguration
+
+    raw = _raw_recipe(merge_config, config_source)
+    if not isinstance(merge_config, MergeConfiguration):
+        merge_config = MergeConfiguration.model_validate(raw)
+    output.check_output_path(out_path, full_inputs(merge_config, recipe_path))
+    card_too = options.write_model_card
+    stage = output.stage(out_path)
+    try:
+        original(
+            merge_config.model_copy(deep=True),  # mergekit's planner rewrites models: as slices
+            stage.path,
+            options=options.model_copy(update={"write_model_card": False}),
+            config_source=config_source,
+        )
+        if card_too:
+            meta = {**raw, "output": "model"}
+            write_metadata(stage.path, merge_config, meta, {}, options.random_seed, "model")
+        stage.commit()
     except BaseException:
         stage.discard()
         raise

@@ -163,3 +163,79 @@ def test_full_checkpoints_through_run_merge_without_config_source(checkpoints, t
     q = "model.layers.1.self_attn.q_proj.weight"
     s = torch.linalg.svdvals(out[q].double() - base[q].double())
     assert (s > 1e-3 * s[0]).sum() <= 4
+
+
+def _outside(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with its sha256 (staging directories included)."""
+    from reliability import tree
+
+    return tree(root)
+
+
+@pytest.mark.parametrize("target", ["base", "task", "recipe-dir"])
+def test_full_model_output_never_overwrites_an_input(checkpoints, tmp_path, target):
+    """mergekit writes into the output as it goes: without our check `mergekit-yaml r.yml
+    base/` overwrote the base's weights with the merge. Refused in one line, nothing read."""
+    ck = checkpoints
+    write_yaml(tmp_path / "r.yml", _recipe(ck, "ctm", {"base_rule": "ties", "rank": 4}))
+    out = {"base": ck["base"], "task": ck["tasks"][1], "recipe-dir": tmp_path}[target]
+    before = {p: _outside(p) for p in (ck["base"], *ck["tasks"], tmp_path)}
+    res = run_command([str(tmp_path / "r.yml"), str(out), "--quiet"], tmp_path)
+    assert res.code == 2 and not res.traceback, (res.stderr, res.exception)
+    assert "overwrit" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert {p: _outside(p) for p in before} == before
+
+
+def test_interrupted_full_model_merge_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of mergekit's planner: no output directory appears, an existing
+    one keeps exactly its files, and no staging directory is left."""
+    from mergekit_ctm.integration import full_checkpoints
+
+    ck = checkpoints
+    write_yaml(tmp_path / "r.yml", _recipe(ck, "ctm", {"base_rule": "ties", "rank": 4}))
+    real, calls = full_checkpoints.full_update, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(full_checkpoints, "full_update", interrupted)
+    res = run_command([str(tmp_path / "r.yml"), str(tmp_path / "new"), "--quiet"], tmp_path)
+    assert res.code == 130 and len(calls) == 5, (res.stderr, res.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    (existing / "model.safetensors").write_bytes(b"an older merge")
+    before, calls[:] = _outside(existing), []
+    res = run_command([str(tmp_path / "r.yml"), str(existing), "--quiet"], tmp_path)
+    assert res.code == 130, (res.stderr, res.exception)
+    assert _outside(existing) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "r.yml"]
+
+
+@pytest.mark.slow
+def test_full_model_card_and_config_reproduce_the_merge(checkpoints, tmp_path):
+    """Our card for output: model of full checkpoints (mergekit's asks the Hub about local
+    relative paths, a traceback offline): inputs with hashes, versions, seed; its
+    mergekit_config.yml redoes the merge byte for byte."""
+    from reliability import tree
+
+    ck = checkpoints
+    recipe = _recipe(ck, "ctm", {"base_rule": "dare_ties", "rank": 4}, {"weight": 1.0,
+                                                                     "density": 0.6})  # fmt: skip
+    write_yaml(tmp_path / "r.yml", recipe)
+    res = run_command([str(tmp_path / "r.yml"), "out", "--quiet", "--random-seed", "5"], tmp_path)
+    assert res.code == 0 and not res.traceback, (res.stderr, res.exception)
+    out = tmp_path / "out"
+    card = (out / "README.md").read_text()
+    assert "merge of 3 full fine-tuned checkpoints" in card and "library_name" not in card
+    assert card.count("(sha256 ") == 3 and "Seed: 5." in card
+    config = (out / "mergekit_config.yml").read_text()
+    assert "\nrandom_seed: 5\n" in config and "\noutput: model\n" in config
+    res = run_command([str(out / "mergekit_config.yml"), "again", "--quiet"], tmp_path)
+    assert res.code == 0, (res.stderr, res.exception)
+    assert tree(tmp_path / "again") == tree(out)
