@@ -24,6 +24,7 @@ evaluated once on test.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -341,7 +342,12 @@ def run(args: argparse.Namespace) -> dict:
         logf.flush()
 
     t0 = time.time()
-    suite = build(cfg, cache_root=Path(args.cache) if args.cache else None, log=log)
+    # base model and heads only: the full fine-tunes need no LoRA (seeds=() trains none)
+    suite = build(
+        dataclasses.replace(cfg, seeds=()),
+        cache_root=Path(args.cache) if args.cache else None,
+        log=log,
+    )
     if args.calibrate:
         res = calibrate(args, suite, log)
         (out / "calibrate.json").write_text(json.dumps(res, indent=1))

@@ -99,6 +99,18 @@ def report(results_dir: Path) -> str:
     keys = list(S[seeds[0]].get("main", {}))
     L.append("| Method | " + " | ".join(tasks) + " | Avg | chosen (seed 0) |")
     L.append("|---" * (len(tasks) + 3) + "|")
+
+    def norm_row(label: str, acc) -> None:
+        per = [{t: acc(S[s], t) / S[s]["full_test"][t] for t in tasks} for s in seeds]
+        cells = [ms([p[t] for p in per]) for t in tasks]
+        avg = ms([float(np.mean(list(p.values()))) for p in per])
+        L.append(f"| {label} | " + " | ".join(cells) + f" | {avg} | |")
+
+    norm_row("Base model (+ task heads)", lambda sd, t: sd["base_test"][t])
+    norm_row(
+        "one fine-tune alone (mean over the T fine-tunes, own task included)",
+        lambda sd, t: float(np.mean([sd["individual_test"][u][t] for u in tasks])),
+    )
     for k in keys:
         rs = [S[s]["main"].get(k) for s in seeds]
         rs = [r for r in rs if r and not r.get("error", "").startswith(("Merge", "Runtime"))]
@@ -142,3 +154,11 @@ def report(results_dir: Path) -> str:
                 L.append(f"| {pretty(k)} (no rank) | " + " | ".join(v for _ in ranks) + " |")
         L.append("")
     return "\n".join(L)
+
+
+def section(results_dir: Path, findings: Path | None = None) -> str:
+    """The "Full fine-tunes" section of docs/quality.md: written findings, then the tables."""
+    if not any(results_dir.glob("full*/full_results.json")):
+        return ""
+    text = findings.read_text().strip() + "\n\n" if findings and findings.exists() else ""
+    return "## Full fine-tunes\n\n" + text + "### Tables (generated)\n\n" + report(results_dir)
