@@ -62,6 +62,31 @@ def _hp(r: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items())
 
 
+def best_dense(sd: dict) -> str:
+    """The mergekit dense method with the highest *validation* score of this seed."""
+    dense = {k: r for k, r in sd["main"].items() if k.startswith("mergekit/") and not r["error"]}
+    return max(dense, key=lambda k: dense[k]["val_norm"])
+
+
+def _paired(S: dict, seeds: list[str], sweeps: set, ranks: list[int]) -> list[str]:
+    """Rows: CtM at each rank minus the seed's best dense method (chosen on validation),
+    test points, mean ± std over the seeds that have both."""
+    rows = []
+    for k in sorted(sweeps, key=lambda k: ("@" in k, k)):
+        cells = []
+        for r in ranks:
+            xs = [
+                S[s]["sweep"][k][str(r)]["test_avg"] - S[s]["main"][best_dense(S[s])]["test_avg"]
+                for s in seeds
+                if str(r) in S[s].get("sweep", {}).get(k, {})
+            ]
+            n = f" (n={len(xs)})" if 0 < len(xs) < len(seeds) else ""
+            cells.append((f"{100 * xs[0]:+.2f}" if len(xs) == 1 else ms(xs)) + n if xs else "n/a")
+        label = pretty(k) + ("" if "@tr" in k else ", task_rank = rank")
+        rows.append(f"| {label} − best dense (by val) | " + " | ".join(cells) + " |")
+    return rows
+
+
 def report(results_dir: Path) -> str:
     res = load(results_dir)
     S = res["seeds"]
@@ -118,10 +143,11 @@ def report(results_dir: Path) -> str:
             L.append(f"| {pretty(k)} | " + " | ".join("—" for _ in tasks) + " | — | |")
             continue
         cells = [ms([r["test_norm"][t] for r in rs]) for t in tasks]
+        n = f" (n={len(rs)})" if len(rs) < len(seeds) else ""
         L.append(
             f"| {pretty(k)} | "
             + " | ".join(cells)
-            + f" | {ms([r['test_avg'] for r in rs])} | {_hp(rs[0])} |"
+            + f" | {ms([r['test_avg'] for r in rs])}{n} | {_hp(rs[0])} |"
         )
     L.append("")
     # per-seed averages
@@ -134,7 +160,7 @@ def report(results_dir: Path) -> str:
     # rank sweep
     sweeps = {k for s in seeds for k in S[s].get("sweep", {})}
     if sweeps:
-        ranks = sorted({int(r) for s in seeds for v in S[s]["sweep"].values() for r in v})
+        ranks = sorted({int(r) for s in seeds for v in S[s].get("sweep", {}).values() for r in v})
         L.append("| method | " + " | ".join(f"r={r}" for r in ranks) + " |")
         L.append("|---" * (len(ranks) + 1) + "|")
         for k in sorted(sweeps, key=lambda k: ("@" in k, k)):
@@ -145,9 +171,11 @@ def report(results_dir: Path) -> str:
                     for s in seeds
                     if str(r) in S[s].get("sweep", {}).get(k, {})
                 ]
-                cells.append(ms(xs))
+                n = f" (n={len(xs)})" if 0 < len(xs) < len(seeds) else ""
+                cells.append(ms(xs) + n)
             label = pretty(k) + ("" if "@tr" in k else ", task_rank = rank")
             L.append(f"| {label} | " + " | ".join(cells) + " |")
+        L += _paired(S, seeds, sweeps, ranks)
         for k in keys:
             if k.startswith("mergekit/"):
                 v = ms([S[s]["main"][k]["test_avg"] for s in seeds if k in S[s]["main"]])
