@@ -97,6 +97,7 @@ def report(results_dir: Path) -> str:
     L: list[str] = []
     L.append(f"Seeds: {', '.join(seeds)}; rank {res['rank']}; lr factor {res['lr_factor']}.\n")
     # individual fine-tunes
+    L.append("**Individual fine-tunes** (absolute test accuracy, %; update size per task)\n")
     L.append("| | " + " | ".join(tasks) + " | mean |")
     L.append("|---" * (len(tasks) + 2) + "|")
 
@@ -122,6 +123,10 @@ def report(results_dir: Path) -> str:
     L.append("")
     # main table: normalized test accuracy
     keys = list(S[seeds[0]].get("main", {}))
+    L.append(
+        f"**Normalized test accuracy (%) at rank {res['rank']} (task_rank = rank)**, mean ± std "
+        "over seeds; normalized by each full fine-tune's own accuracy\n"
+    )
     L.append("| Method | " + " | ".join(tasks) + " | Avg | chosen (seed 0) |")
     L.append("|---" * (len(tasks) + 3) + "|")
 
@@ -151,6 +156,7 @@ def report(results_dir: Path) -> str:
         )
     L.append("")
     # per-seed averages
+    L.append("**Average normalized test accuracy per seed**\n")
     L.append("| seed | " + " | ".join(pretty(k) for k in keys) + " |")
     L.append("|---" * (len(keys) + 1) + "|")
     for s in seeds:
@@ -161,6 +167,10 @@ def report(results_dir: Path) -> str:
     sweeps = {k for s in seeds for k in S[s].get("sweep", {})}
     if sweeps:
         ranks = sorted({int(r) for s in seeds for v in S[s].get("sweep", {}).values() for r in v})
+        L.append(
+            "**Rank sweep** (average normalized test accuracy, %; β and density from the main "
+            "rank, λ re-searched on validation at each rank; n = seeds where fewer than all)\n"
+        )
         L.append("| method | " + " | ".join(f"r={r}" for r in ranks) + " |")
         L.append("|---" * (len(ranks) + 1) + "|")
         for k in sorted(sweeps, key=lambda k: ("@" in k, k)):
