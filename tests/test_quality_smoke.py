@@ -149,3 +149,135 @@ def test_final_adapter_through_mergekit_yaml(smoke):
     assert not res.error, res.error
     assert (Path(res.adapter_dir) / "adapter_config.json").exists()
     assert res.val_at_final == pytest.approx(res.val_norm, abs=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# full fine-tunes (bench/quality/full.py): the same suite, q/k/v/o trained fully
+# --------------------------------------------------------------------------------------------
+
+
+# at the smoke tasks' LoRA lr a full fine-tune of the 32-wide smoke model overshoots
+SMOKE_LR_FACTOR = 0.1
+
+
+@pytest.fixture(scope="module")
+def full_smoke(smoke):
+    from bench.quality.full import FullEvaluator, build_full, full_dir
+
+    suite, _, _, _, root = smoke
+    build_full(suite, [0], SMOKE_LR_FACTOR, log=lambda *_: None)
+    ev = FullEvaluator(suite)
+    dirs = [full_dir(suite, 0, SMOKE_LR_FACTOR, t) for t in ev.names]
+    val = {t: ev.accuracies(d, "val")[0][t] for t, d in zip(ev.names, dirs)}
+    test = {t: ev.accuracies(d, "test")[0][t] for t, d in zip(ev.names, dirs)}
+    return suite, ev, dirs, val, test, root
+
+
+def _full_runner(full_smoke, final="inprocess"):
+    from bench.quality.full import FullRunner
+
+    suite, ev, dirs, val, test, root = full_smoke
+    return FullRunner(
+        ev, 0, root / "work_full", dirs, search_backend="inprocess", final_backend=final,
+        lora_val=val, lora_test=test, hooi_iters=50, log=lambda *_: None,
+    )  # fmt: skip
+
+
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.slow
+def test_full_finetunes_train_only_qkvo(full_smoke):
+    from bench.quality.suite import TARGET_MODULES
+
+    suite, ev, dirs, val, test, _ = full_smoke
+    base = _weights(suite.base_dir)
+    base_acc = ev.model_accuracies(ev.fresh_base(), "test")
+    for t, d in zip(ev.names, dirs):
+        w = _weights(d)  # save_pretrained wrote safetensors
+        assert w.keys() == base.keys()
+        moved = {k for k in w if not torch.equal(w[k], base[k])}
+        expect = {k for k in base if k.split(".")[-2] in TARGET_MODULES}
+        assert moved == expect, (t, sorted(moved ^ expect))
+        assert test[t] > base_acc[t] - 0.02, (t, test[t], base_acc[t])
+    # the fine-tunes learn something (the smoke model is tiny and trains 3 epochs)
+    assert any(test[t] > base_acc[t] + 0.02 for t in ev.names), (test, base_acc)
+    # λ = 0 is the base model, λ = 1 the checkpoint itself
+    m = ev.load(dirs[0])
+    at0, at1 = ev.peft_accuracies(m, "test", [0.0, 1.0])
+    assert at0 == base_acc
+    assert at1 == ev.model_accuracies(ev.load(dirs[0]), "test")
+
+
+def _svd_trunc(x: np.ndarray, k: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vt[:k]
+
+
+@pytest.mark.slow
+def test_full_mtc_ta_matches_float64_reference(full_smoke):
+    """mtc (full space, TA) on real fine-tunes: W = W_base + λ·SVD_r(Σₜ SVD_k(ΔWₜ)), written
+    out in float64 numpy; mergekit's own task_arithmetic: W_base + λ·Σₜ ΔWₜ."""
+    from bench.quality.full import full_method, full_recipe
+    from bench.quality.merge import run_inprocess
+
+    suite, ev, dirs, *_, root = full_smoke
+    base = _weights(suite.base_dir)
+    tasks = [_weights(d) for d in dirs]
+    lam, r, k = 0.7, 3, 5
+    for key in ("mtc-full/task_arithmetic@tr5", "mergekit/task_arithmetic"):
+        rec = full_recipe(full_method(key), dirs, suite.base_dir, rank=r, hp={}, lam=lam)
+        out = root / "ref" / key.replace("/", "_")
+        run_inprocess(rec, out, seed=0)
+        merged = _weights(out)
+        n_low = 0
+        for name, w0 in base.items():
+            b = w0.double().numpy()
+            ds = [t[name].double().numpy() - b for t in tasks]
+            if not any(np.any(d) for d in ds):
+                assert torch.equal(merged[name], w0), name
+                continue
+            if key.startswith("mtc"):
+                ref = b + lam * _svd_trunc(sum(_svd_trunc(d, k) for d in ds), r)
+                n_low += 1
+            else:
+                ref = b + lam * sum(ds)
+            got = merged[name].double().numpy()
+            err = np.linalg.norm(got - ref) / np.linalg.norm(ref - b)
+            assert err < 1e-4, (key, name, err)
+        if key.startswith("mtc"):
+            assert n_low == 4 * suite.cfg.layers
+
+
+@pytest.mark.slow
+def test_full_search_ctm_and_mergekit_ties(full_smoke):
+    r = _full_runner(full_smoke, final="mergekit-yaml")
+    from bench.quality.full import full_method
+
+    ctm = r.run(full_method("ctm/ties"), rank=4, grid=[{"beta": 0.5, "density": 0.6}])
+    dense = r.run(full_method("mergekit/ties"), rank=4, grid=[{"density": 0.6}])
+    for res in (ctm, dense):
+        assert not res.error, res.error
+        # λ found by scaling the λ = 1 merge == λ folded into the recipe, via mergekit-yaml
+        assert res.val_at_final == pytest.approx(res.val_norm, abs=1e-9)
+        assert res.val_norm == max(tr["val"] for tr in res.trace)
+        assert 0.5 < res.test_avg < 1.5
+    # CtM at rank 4: every merged 2-D update has rank <= 4 (σ₅ at float32 rounding of W_base);
+    # mergekit's dense ties does not
+    base = _weights(full_smoke[0].base_dir)
+    for res, low in ((ctm, True), (dense, False)):
+        w = _weights(res.adapter_dir)
+        tails = []
+        for k in base:
+            if base[k].ndim == 2 and not torch.equal(w[k], base[k]):
+                sv = torch.linalg.svdvals(w[k].double() - base[k].double())
+                floor = 1e-6 * float(base[k].abs().max()) * max(base[k].shape)
+                tails.append(float(sv[4]) / max(float(sv[0]), floor))
+        assert tails, res.adapter_dir
+        assert (max(tails) < 1e-2) if low else (min(tails) > 1e-2), tails

@@ -501,7 +501,9 @@ def _failures(S: dict, seeds: list[str]) -> list[str]:
     return L
 
 
-def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") -> Path:
+def write_report(
+    res: dict, docs: Path, preamble: str = "", findings: str = "", full: str = ""
+) -> Path:
     """docs/quality.md (and its figures) from a run's results."""
     S = res["seeds"]
     seeds = sorted(S, key=int)
@@ -520,6 +522,8 @@ def write_report(res: dict, docs: Path, preamble: str = "", findings: str = "") 
     L += _energy_section(S, seeds, tasks, figs)
     L += _drop_section(figs)
     L += _failures(S, seeds)
+    if full:  # full fine-tunes (bench/quality/full.py), a section of their own
+        L += ["", full]
     out = docs / "quality.md"
     out.write_text("\n".join(L) + "\n")
     return out
@@ -539,7 +543,10 @@ def main(argv: list[str] | None = None) -> None:
     res = load_results(Path(a.results))
     pre = Path(a.preamble).read_text() if a.preamble else ""
     fin = Path(a.findings).read_text() if a.findings and Path(a.findings).exists() else ""
-    print(write_report(res, Path(a.docs), pre, fin))
+    from bench.quality.full_report import section
+
+    full = section(Path(a.results), HERE / "full_findings.md")
+    print(write_report(res, Path(a.docs), pre, fin, full))
 
 
 if __name__ == "__main__":
