@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -93,9 +94,11 @@ class Stage:
         for name in names:
             os.chmod(os.path.join(self.path, name), mode)
         if not self.inside and not os.path.lexists(self.out_path):
+            # unlink while still holding the lock: a racing clean_stale that opened it cannot
+            # take it, and one that comes later finds no lock file (not ours: untouched)
+            os.remove(os.path.join(self.path, LOCK_NAME))
             os.close(self._lock_fd)
             self._lock_fd = -1
-            os.remove(os.path.join(self.path, LOCK_NAME))
             try:
                 os.rename(self.path, self.out_path)  # atomic: the whole directory appears
                 return names
@@ -103,7 +106,7 @@ class Stage:
                 if not os.path.isdir(self.out_path):
                     raise
                 # Another run created it meanwhile: install file by file like any existing dir.
-                self._lock_fd = _locked_file(os.path.join(self.path, LOCK_NAME))
+                self._lock_fd = _new_lock(self.path)
         with _locked_dir(self.out_path):
             for name in names:
                 dst = os.path.join(self.out_path, name)
@@ -143,9 +146,15 @@ def _staged_files(root: str) -> Iterator[str]:
                 yield rel
 
 
-def _locked_file(path: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+def _new_lock(directory: str) -> int:
+    """Put our lock file into ``directory``, already locked: created under another name,
+    locked, then renamed into place, so no other run ever sees it unlocked (clean_stale of a
+    run racing to the same output would otherwise take the free lock and remove this
+    directory). Returns the open descriptor that holds the lock."""
+    tmp = os.path.join(directory, f"{LOCK_NAME}.{os.getpid()}.{threading.get_ident()}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new inode: nobody else holds it
+    os.rename(tmp, os.path.join(directory, LOCK_NAME))
     return fd
 
 
@@ -230,4 +239,4 @@ def stage(out_path: str) -> Stage:
         os.makedirs(parent, exist_ok=True)
         path = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes 0700; the output gets the usual mode
-    return Stage(path, out, inside, _locked_file(os.path.join(path, LOCK_NAME)))
+    return Stage(path, out, inside, _new_lock(path))

@@ -257,3 +257,32 @@ def test_options_that_cannot_apply_are_named_and_no_copy_tokenizer_is_honoured(
         )
         assert (out / "tokenizer_config.json").exists() == copy
         assert (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+def test_staging_directories_of_live_runs_survive_racing_runs(tmp_path, existing):
+    """Many runs start to one output at once: each run's clean_stale must never take the lock
+    of another live run's staging directory (its lock file appears already locked) nor
+    remove it, for a new output and for an existing one."""
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(40):
+                st = output.stage(str(out))
+                try:
+                    assert os.path.isdir(st.path), "a live staging directory was removed"
+                finally:
+                    st.discard()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
