@@ -15,6 +15,7 @@ def _files(d) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
+@pytest.mark.slow
 def test_mergekit_config_reproduces_the_merge_byte_for_byte(example, tmp_path):
     """A random rule (DARE) and --random-seed: mergekit-yaml out/mergekit_config.yml out2/
     without the option gives the same bytes, and the seed matters (another seed differs)."""

@@ -52,6 +52,7 @@ def yaml_outputs(example, tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_mergekit_yaml_output_loads_in_peft_and_matches_engine(example, yaml_outputs, method):
     recipe, out = yaml_outputs[method]
