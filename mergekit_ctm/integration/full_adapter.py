@@ -47,6 +47,7 @@ from mergekit_ctm.recipe.model import RecipeError
 LOG = logging.getLogger(__name__)
 
 ADAPTER_BUFFER = 2 * 2**20  # bytes per writer shard; joined into one file at the end
+MODEL_WRITE_BUFFER = 64 * 2**20  # mergekit's shard buffer for output: model; resharded after
 
 
 @dataclass(frozen=True)
@@ -700,6 +701,11 @@ def run_full_model_merge(
     and in an existing directory only the files the merge writes are replaced (mergekit alone
     writes into the output as it goes: ``mergekit-yaml r.yml base/`` overwrote the base).
 
+    Memory: mergekit's writer holds a whole shard (``--out-shard-size``, default 5B: the
+    whole model below 5 GB), so it writes shards of ``MODEL_WRITE_BUFFER`` bytes, which
+    :func:`plan.stream.reshard` then joins to ``--out-shard-size`` one tensor at a time (one
+    more pass over the output on disk, the largest tensor in memory).
+
     The card and mergekit_config.yml are ours, as for every output of ours (versions, seed,
     the inputs' hashes, the recipe as resolved). mergekit's card is turned off: it asks the
     Hub whether a relative local path is a repository, a traceback when offline."""
@@ -710,14 +716,24 @@ def run_full_model_merge(
         merge_config = MergeConfiguration.model_validate(raw)
     output.check_output_path(out_path, full_inputs(merge_config, recipe_path))
     card_too = options.write_model_card
+    update: dict[str, Any] = {"write_model_card": False}
+    # mergekit's TensorWriter holds a shard in memory until it is full (the whole model, under
+    # the default 5B): it writes small shards here, joined afterwards one tensor at a time.
+    small = options.safe_serialization and options.out_shard_size > MODEL_WRITE_BUFFER
+    if small:
+        update["out_shard_size"] = MODEL_WRITE_BUFFER
     stage = output.stage(out_path)
     try:
         original(
             merge_config.model_copy(deep=True),  # mergekit's planner rewrites models: as slices
             stage.path,
-            options=options.model_copy(update={"write_model_card": False}),
+            options=options.model_copy(update=update),
             config_source=config_source,
         )
+        if small:
+            from mergekit_ctm.plan.stream import reshard
+
+            reshard(stage.path, options.out_shard_size)
         if card_too:
             meta = {**raw, "output": "model"}
             write_metadata(stage.path, merge_config, meta, {}, options.random_seed, "model")

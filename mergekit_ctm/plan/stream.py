@@ -245,3 +245,43 @@ class StreamingWriterTask(TensorWriterTask):
 
     def execute(self, **_kwargs: Any) -> StreamingWriter:  # type: ignore[override]
         return StreamingWriter(self.out_path, self.layout)
+
+
+def reshard(directory: str, max_shard_size: int, basename: str = "model") -> bool:
+    """Join the safetensors shards ``basename-*-of-*.safetensors`` (and their index) in
+    ``directory`` into shards of at most ``max_shard_size`` bytes, streaming one tensor at a
+    time (memory: the largest tensor), with the naming and index of :func:`plan_layout`.
+
+    Tensors keep the order they have in the old shards (shard by shard, by offset), so the
+    result depends only on the old files. Returns False, changing nothing, when there is no
+    index (one shard: nothing to join)."""
+    from mergekit_ctm.adapters.loading import read_safetensors_tensor
+    from mergekit_ctm.adapters.peft_lora import read_safetensors_header
+
+    index_path = os.path.join(directory, f"{basename}.safetensors.index.json")
+    if not os.path.isfile(index_path):
+        return False
+    with open(index_path, encoding="utf-8") as f:
+        old_files = sorted(set(json.load(f)["weight_map"].values()))
+    order: list[tuple[str, str, dict[str, Any]]] = []  # (file, tensor, header entry)
+    for name in old_files:
+        header = read_safetensors_header(os.path.join(directory, name))
+        order += [(name, k, m) for k, m in sorted(header.items(), key=lambda kv: kv[1]["start"])]
+    layout = plan_layout(
+        [(k, DTYPE[m["dtype"]], m["shape"]) for _, k, m in order], max_shard_size, basename
+    )
+    staging = os.path.join(directory, f".{basename}.reshard")
+    os.makedirs(staging)
+    writer = StreamingWriter(staging, layout)
+    try:
+        for name, key, _ in order:
+            writer.save_tensor(key, read_safetensors_tensor(os.path.join(directory, name), key))
+        writer.finalize()
+    finally:
+        writer.close()
+    for name in [*old_files, os.path.basename(index_path)]:
+        os.remove(os.path.join(directory, name))
+    for name in sorted(os.listdir(staging)):
+        os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    os.rmdir(staging)
+    return True

@@ -239,3 +239,37 @@ def test_full_model_card_and_config_reproduce_the_merge(checkpoints, tmp_path):
     res = run_command([str(out / "mergekit_config.yml"), "again", "--quiet"], tmp_path)
     assert res.code == 0, (res.stderr, res.exception)
     assert tree(tmp_path / "again") == tree(out)
+
+
+@pytest.mark.slow
+def test_full_model_output_is_written_in_small_shards_then_joined(checkpoints, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """mergekit's writer holds a whole --out-shard-size shard in memory; our full-checkpoint
+    output: model has it write MODEL_WRITE_BUFFER-sized shards and joins them afterwards:
+    the same tensors as mergekit's own sharding, the requested shard sizes, nothing left."""
+    import json
+
+    from mergekit_ctm.integration import full_adapter
+
+    ck = checkpoints
+    write_yaml(tmp_path / "r.yml", _recipe(ck, "ctm", {"base_rule": "ties", "rank": 4}))
+    monkeypatch.setattr(full_adapter, "MODEL_WRITE_BUFFER", 10_000)
+    runs = {"default": [], "big": ["--out-shard-size", "60K"], "small": ["--out-shard-size",
+                                                                          "10000"]}  # fmt: skip
+    for name, extra in runs.items():
+        res = run_command([str(tmp_path / "r.yml"), name, "--quiet", *extra], tmp_path)
+        assert res.code == 0 and not res.traceback, (res.stderr, res.exception)
+    shards = {n: sorted(p.name for p in (tmp_path / n).glob("*.safetensors")) for n in runs}
+    assert shards["default"] == ["model.safetensors"]  # joined: the model is < 5B
+    assert 1 < len(shards["big"]) < len(shards["small"])  # joined to 60K, not 10K
+    index = json.loads((tmp_path / "big" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards["big"])
+    for p in (tmp_path / "big").glob("*.safetensors"):
+        assert p.stat().st_size <= 60_000 + 4096  # data <= 60K, plus the header
+    want = _load(tmp_path / "small")
+    for name in ("default", "big"):
+        got = _load(tmp_path / name)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+        left = [p.name for p in (tmp_path / name).iterdir() if p.name.startswith(".")]
+        assert not left, left

@@ -95,3 +95,38 @@ def test_layout_hashes_by_content():
     one, two = plan_layout(specs, 0), plan_layout(list(specs), 0)
     assert one == two and hash(one) == hash(two) and one is not two
     assert plan_layout(specs, 1) != one
+
+
+@pytest.mark.parametrize("target", [700, 3000, 10**6])
+def test_reshard_joins_small_shards_into_mergekits_shards(tmp_path, target):
+    """reshard: mergekit's small shards joined to ``target`` bytes equal mergekit's own shards
+    at ``target`` when the tensors arrive in name order (one dtype: safetensors' file order is
+    the name order, so the old shards keep the arrival order), tensor by tensor."""
+    from mergekit_ctm.plan.stream import reshard
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"t{i:02d}": torch.randn(i % 7 + 1, 9, generator=gen) for i in range(30)}
+
+    def mergekit_writes(path, max_shard: int) -> None:
+        writer = TensorWriter(str(path), max_shard_size=max_shard)
+        for k, v in tensors.items():
+            writer.save_tensor(k, v)
+        writer.finalize()
+
+    mergekit_writes(tmp_path / "got", 300)
+    assert len(list((tmp_path / "got").glob("*.safetensors"))) > 10
+    assert reshard(str(tmp_path / "got"), target)
+    mergekit_writes(tmp_path / "ref", target)
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert sorted(p.name for p in (tmp_path / "got").iterdir()) == names
+    for name in names:
+        want, got = (tmp_path / "ref" / name), (tmp_path / "got" / name)
+        if name.endswith(".json"):
+            w, g = json.loads(want.read_text()), json.loads(got.read_text())
+            assert g["weight_map"] == w["weight_map"]
+            assert g["metadata"]["total_size"] == w["metadata"]["total_size"]
+        else:
+            assert got.read_bytes() == want.read_bytes(), name
+    if names == ["model.safetensors"]:  # one shard, no index: nothing to join
+        assert not reshard(str(tmp_path / "got"), target)
+        assert sorted(p.name for p in (tmp_path / "got").iterdir()) == names
