@@ -183,7 +183,7 @@ def describe_full_plan(plan: FullPlan) -> str:
             f"estimated peak working memory: {plan.peak_bytes() / 2**20:.2f} MiB "
             f"({peak / 2**20:.2f} MiB for its largest tensor in flight, {largest.name}, with "
             f"{len(plan.models)} fine-tunes; {plan.writer_bytes() / 2**20:.2f} MiB of "
-            f"mergekit's writer buffer, up to --out-shard-size {plan.out_shard_size}; plus "
+            "mergekit's writer buffer, its shards capped at 64 MiB; plus "
             f"the interpreter and torch, and up to {plan.mapped_bytes() / 2**20:.2f} MiB of "
             "the inputs' file pages, which mergekit maps and the kernel may drop)"
         )

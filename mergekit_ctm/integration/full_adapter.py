@@ -40,14 +40,13 @@ from mergekit_ctm.adapters.writer import (
     build_adapter_config,
     peft_tensor_names,
 )
-from mergekit_ctm.plan import card, output
+from mergekit_ctm.plan import card, output, stream
 from mergekit_ctm.plan.tasks import close_adapter_files
 from mergekit_ctm.recipe.model import RecipeError
 
 LOG = logging.getLogger(__name__)
 
 ADAPTER_BUFFER = 2 * 2**20  # bytes per writer shard; joined into one file at the end
-MODEL_WRITE_BUFFER = 64 * 2**20  # mergekit's shard buffer for output: model; resharded after
 
 
 @dataclass(frozen=True)
@@ -702,7 +701,7 @@ def run_full_model_merge(
     writes into the output as it goes: ``mergekit-yaml r.yml base/`` overwrote the base).
 
     Memory: mergekit's writer holds a whole shard (``--out-shard-size``, default 5B: the
-    whole model below 5 GB), so it writes shards of ``MODEL_WRITE_BUFFER`` bytes, which
+    whole model below 5 GB), so it writes shards of ``stream.MODEL_WRITE_BUFFER`` bytes, which
     :func:`plan.stream.reshard` then joins to ``--out-shard-size`` one tensor at a time (one
     more pass over the output on disk, the largest tensor in memory).
 
@@ -719,9 +718,9 @@ def run_full_model_merge(
     update: dict[str, Any] = {"write_model_card": False}
     # mergekit's TensorWriter holds a shard in memory until it is full (the whole model, under
     # the default 5B): it writes small shards here, joined afterwards one tensor at a time.
-    small = options.safe_serialization and options.out_shard_size > MODEL_WRITE_BUFFER
+    small = options.safe_serialization and options.out_shard_size > stream.MODEL_WRITE_BUFFER
     if small:
-        update["out_shard_size"] = MODEL_WRITE_BUFFER
+        update["out_shard_size"] = stream.MODEL_WRITE_BUFFER
     stage = output.stage(out_path)
     try:
         original(
@@ -731,9 +730,7 @@ def run_full_model_merge(
             config_source=config_source,
         )
         if small:
-            from mergekit_ctm.plan.stream import reshard
-
-            reshard(stage.path, options.out_shard_size)
+            stream.reshard(stage.path, options.out_shard_size)
         if card_too:
             meta = {**raw, "output": "model"}
             write_metadata(stage.path, merge_config, meta, {}, options.random_seed, "model")

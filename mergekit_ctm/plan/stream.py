@@ -36,6 +36,9 @@ CODE = {dt: code for dt, code in _CODES}
 DTYPE = {code: dt for dt, code in _CODES}
 _RANK = {code: i for i, (_, code) in enumerate(_CODES)}
 METADATA = {"format": "pt"}
+# Shard size mergekit's own TensorWriter is given for full-checkpoint output: model (it holds a
+# whole shard in memory); reshard() joins the shards to --out-shard-size afterwards.
+MODEL_WRITE_BUFFER = 64 * 2**20
 
 
 @dataclass(frozen=True)

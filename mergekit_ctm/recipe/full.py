@@ -20,9 +20,10 @@ else the stored one) and math item size c (8 for float64, else 4):
     result     2 · N · c + N · s        B A (or the dense merge), the sum, the cast back
 
 plus mergekit's writer buffer: the output tensors it holds until a shard is full,
-min(``--out-shard-size``, the whole output). It is an estimate of anonymous memory above the
-interpreter and torch, not a bound (bench/full_validate.py: the measured anonymous peak was
-0.56-0.67 of it). mergekit's loader reads the inputs through mmap, so their file pages, up to
+min(``--out-shard-size``, 64 MiB, the whole output) (its shards are capped at
+``plan.stream.MODEL_WRITE_BUFFER`` and joined afterwards). It is an estimate of anonymous
+memory above the interpreter and torch, not a bound (bench/full_validate.py: the measured
+anonymous peak was 0.56-0.67 of it). mergekit's loader reads the inputs through mmap, so their file pages, up to
 the inputs' total size, show in RSS on top (``FullPlan.mapped_bytes``); the kernel may drop
 them under memory pressure.
 """
@@ -116,7 +117,11 @@ class FullPlan:
         return (len(self.models) + 1) * stored
 
     def writer_bytes(self) -> int:
-        return min(self.out_shard_size, self.output_bytes())
+        """mergekit's writer buffer: our full-checkpoint output: model caps its shards at
+        MODEL_WRITE_BUFFER (then joins them, plan/stream.reshard)."""
+        from mergekit_ctm.plan.stream import MODEL_WRITE_BUFFER
+
+        return min(self.out_shard_size, MODEL_WRITE_BUFFER, self.output_bytes())
 
     def largest(self) -> tuple[TensorPlan | None, int]:
         best = max(self.tensors, key=self.tensor_bytes, default=None)

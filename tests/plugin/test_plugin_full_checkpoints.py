@@ -249,11 +249,11 @@ def test_full_model_output_is_written_in_small_shards_then_joined(checkpoints, t
     the same tensors as mergekit's own sharding, the requested shard sizes, nothing left."""
     import json
 
-    from mergekit_ctm.integration import full_adapter
+    from mergekit_ctm.plan import stream
 
     ck = checkpoints
     write_yaml(tmp_path / "r.yml", _recipe(ck, "ctm", {"base_rule": "ties", "rank": 4}))
-    monkeypatch.setattr(full_adapter, "MODEL_WRITE_BUFFER", 10_000)
+    monkeypatch.setattr(stream, "MODEL_WRITE_BUFFER", 10_000)
     runs = {"default": [], "big": ["--out-shard-size", "60K"], "small": ["--out-shard-size",
                                                                           "10000"]}  # fmt: skip
     for name, extra in runs.items():
