@@ -19,8 +19,8 @@ else the stored one) and math item size c (8 for float64, else 4):
     dense      2 · T · N · c            the rule's masks and stacked deltas
     result     2 · N · c + N · s        B A (or the dense merge), the sum, the cast back
 
-plus mergekit's writer buffer: the output tensors it holds until a shard is full, min(``--out-
-shard-size``, 64 MiB, the whole output) (its shards are capped at
+plus mergekit's writer buffer: the output tensors it holds until a shard is full,
+min(``--out-shard-size``, 64 MiB, the whole output) (its shards are capped at
 ``plan.stream.MODEL_WRITE_BUFFER`` and joined afterwards). It is an estimate of anonymous memory
 above the interpreter and torch, not a bound (bench/full_validate.py: the measured anonymous
 peak was 0.56-0.67 of it). mergekit's loader reads the inputs through mmap, so their file pages,
