@@ -68,3 +68,41 @@ def test_cuda_random_rule_deterministic(example, tmp_path):
         )
         blobs.append((out / "adapter_model.safetensors").read_bytes())
     assert blobs[0] == blobs[1]
+
+
+@pytest.mark.parametrize("output", ["model", "adapter"])
+def test_cuda_full_checkpoints_equal_cpu(tmp_path, output):
+    """Full fine-tuned checkpoints with --cuda (compression and merge on the GPU) give the
+    CPU's tensors up to float32 rounding of the merged update, for both outputs."""
+    from reliability import run_command, write_yaml
+    from test_plugin_full_checkpoints import _build_checkpoints, _load, _recipe
+
+    ck = _build_checkpoints(tmp_path / "ck")
+    recipe = _recipe(ck, "ctm", {"base_rule": "ties", "rank": 4}, {"weight": 1.0,
+                                                                  "density": 0.5})  # fmt: skip
+    recipe["output"] = output
+    write_yaml(tmp_path / "r.yml", recipe)
+    outs = {}
+    for flag in ("--cuda", None):
+        out = tmp_path / f"out{flag}"
+        res = run_command([str(tmp_path / "r.yml"), str(out), "--quiet", *([flag] if flag else [])],
+                          tmp_path)  # fmt: skip
+        assert res.code == 0 and not res.traceback, (res.stderr, res.exception)
+        outs[flag] = _load(out)
+    gpu, cpu = (_updates(outs[f], _load(ck["base"]), output) for f in ("--cuda", None))
+    assert gpu.keys() == cpu.keys() and cpu
+    for k in cpu:  # the merged update, to float32 rounding relative to its scale
+        err = float((gpu[k] - cpu[k]).abs().max())
+        assert err <= 1e-4 * float(cpu[k].abs().max()) + 1e-7, f"{k}: max |Δ| {err:.3g}"
+
+
+def _updates(out: dict, base: dict, output: str) -> dict:
+    """Merged update per tensor: W_out − W_base (model), or B·A per module (adapter; the
+    factors themselves are defined up to a rotation)."""
+    if output == "model":
+        return {k: v.double() - base[k].double() for k, v in out.items()}
+    return {
+        k[: -len(".lora_A.weight")]: out[k[: -len("A.weight")] + "B.weight"].double() @ v.double()
+        for k, v in out.items()
+        if k.endswith(".lora_A.weight")
+    }

@@ -27,11 +27,14 @@ def _load(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
+    return _build_checkpoints(tmp_path_factory.mktemp("full"))
+
+
+def _build_checkpoints(root: Path) -> dict:
     """A tiny Llama base saved in shards and three full fine-tunes of it: each weight moved
     by a task-specific low-rank update plus a small dense part (every tensor changes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("full")
     cfg = LlamaConfig(
         hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
