@@ -1049,27 +1049,38 @@ def _check_no_duplicate_inputs(raw: Mapping[str, Any]) -> None:
 
 
 def _check_level_rule(levels: Sequence[Level], rule: str) -> None:
-    """The base rule's own checks (density in [0, 1], density ± epsilon, ...) on the plain
-    values of each level over the top level's (the top level alone first, so the error names
-    the level that set the offending value). Filters and gradients depend on the tensor: the
-    kernel checks them as it runs."""
+    """The base rule's own checks (density in [0, 1], density ± epsilon, ...) on the values of
+    each level over the top level's (the top level alone first, so the error names the level
+    that set the offending value). A gradient or a filtered value is checked at each value it
+    lists (a range holds between its points too), each with the other parameters' first."""
     specs = {p.name: p for p in rule_specs(rule)}
 
-    def scalars(scope: Mapping[str, Any] | None) -> dict[str, Any]:
-        return {
-            k: v
-            for k, v in (scope or {}).items()
-            if k in specs and not isinstance(v, (list, ConditionalParameter))
-        }
+    def candidates(value: Any) -> list[Any]:
+        if isinstance(value, ConditionalParameter):
+            return candidates(value.value)
+        if isinstance(value, list):
+            return [c for v in value for c in candidates(v)]
+        return [value]
 
-    top = scalars(levels[0].scope)
-    for level in levels:
-        values = {**top, **scalars(level.scope)}
+    def options(scope: Mapping[str, Any] | None) -> dict[str, list[Any]]:
+        found = {k: candidates(v) for k, v in (scope or {}).items() if k in specs}
+        return {k: v for k, v in found.items() if v}
+
+    def check(label: str, values: dict[str, Any]) -> None:
         one = {k: [v] if specs[k].scope != ParameterScope.SHARED else v for k, v in values.items()}
         try:
             rules_mod.check_rule_params(rule, one, 1)
         except RuleError as exc:
-            raise RecipeError(f"{level.label}: {str(exc).replace(' (adapter 0)', '')}") from None
+            raise RecipeError(f"{label}: {str(exc).replace(' (adapter 0)', '')}") from None
+
+    top = options(levels[0].scope)
+    for level in levels:
+        here = {**top, **options(level.scope)}
+        first = {k: v[0] for k, v in here.items()}
+        check(level.label, first)
+        for k, values in here.items():
+            for v in values[1:]:
+                check(level.label, {**first, k: v})
 
 
 # Keys of ours that a full-checkpoint recipe may add to mergekit's MergeConfiguration.
