@@ -1,4 +1,6 @@
-"""``output: adapter`` for full fine-tuned checkpoints: the merged update as one PEFT LoRA.
+"""``output: adapter`` for full fine-tuned checkpoints: the merged update as one PEFT LoRA
+(and, at the end, :func:`run_full_model_merge`: the staged ``output: model`` run with the
+card both outputs share).
 
 The merged update of every linear weight is rank ≤ ``rank`` by construction (each ΔWₜ cut
 to ``task_rank``, then the engine's ``merge_lora``), so it is written as the LoRA factors
