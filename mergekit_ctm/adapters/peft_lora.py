@@ -27,7 +27,7 @@ BIN_NAME = "adapter_model.bin"
 HUB_ALLOW_PATTERNS = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md")
 
 # safetensors header dtype names -> bytes per element
-_DTYPE_BYTES = {
+DTYPE_BYTES = {
     "F64": 8,
     "F32": 4,
     "F16": 2,
@@ -164,7 +164,7 @@ class LoraModule:
     @property
     def estimated_bytes(self) -> int:
         """Bytes of both factors as stored: r · (n_out + m_in) · itemsize."""
-        return self.r * (self.n_out + self.m_in) * _DTYPE_BYTES.get(self.dtype, 4)
+        return self.r * (self.n_out + self.m_in) * DTYPE_BYTES.get(self.dtype, 4)
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,7 @@ def resolve_adapter_path(ref: Any, *, cache_dir: str | None = None) -> tuple[str
 
 def _valid_entry(meta: Any) -> bool:
     """A header entry as safetensors writes it: known dtype, int shape, ordered offsets."""
-    if not isinstance(meta, dict) or meta.get("dtype") not in _DTYPE_BYTES:
+    if not isinstance(meta, dict) or meta.get("dtype") not in DTYPE_BYTES:
         return False
     shape, offsets = meta.get("shape"), meta.get("data_offsets")
     ints = (
@@ -334,7 +334,7 @@ def _valid_entry(meta: Any) -> bool:
     )
     if not ints or offsets[0] > offsets[1]:
         return False
-    return offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BYTES[meta["dtype"]]
+    return offsets[1] - offsets[0] == math.prod(shape) * DTYPE_BYTES[meta["dtype"]]
 
 
 def read_safetensors_header(path: str, *, what: str = "") -> dict[str, dict[str, Any]]:

@@ -36,11 +36,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mergekit_ctm.adapters.peft_lora import DTYPE_BYTES
 from mergekit_ctm.recipe.model import RecipeError, load_yaml
 
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's --out-shard-size default (bytes per shard)
-ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1}
-ITEM_BYTES |= {"U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+ITEM_BYTES = DTYPE_BYTES  # bytes per element of each safetensors dtype code
 _RECIPE_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
