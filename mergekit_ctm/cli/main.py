@@ -81,17 +81,14 @@ def _merge_full(text: str, recipe: str, out_path: str, options: MergeOptions) ->
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
 
-    from mergekit_ctm.integration.dispatch import check_recipe_text
-    from mergekit_ctm.recipe import RecipeError
+    from mergekit_ctm.integration.dispatch import check_recipe_text, invalid_recipe
     from mergekit_ctm.recipe.model import load_yaml
 
     check_recipe_text(text, recipe)
     try:
         config = MergeConfiguration.model_validate(load_yaml(text, recipe))
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ())) or "recipe"
-        raise RecipeError(f"{recipe}: invalid recipe: {loc}: {first.get('msg')}") from None
+        raise invalid_recipe(recipe, exc) from None
     run_merge(config, out_path, options=options, config_source=text)
 
 

@@ -137,11 +137,13 @@ def with_recipe_seed(options: Any, merge_config: Any) -> Any:
 
 
 def _recipe_path_from_click() -> str | None:
-    """The recipe file of the running mergekit command (its ``config_file`` argument)."""
+    """The recipe file of the running command (``config_file`` of mergekit-yaml and
+    mergekit-multi, ``recipe`` of mergekit-ctm merge)."""
     import click
 
     ctx = click.get_current_context(silent=True)
-    path = ctx.params.get("config_file") if ctx is not None else None
+    params = ctx.params if ctx is not None else {}
+    path = params.get("config_file") or params.get("recipe")  # mergekit's, mergekit-ctm's
     return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
@@ -265,7 +267,7 @@ def _run_adapter_recipe(text: str, path: str, kwargs: dict[str, Any]) -> Any:
     )
 
 
-def _invalid_recipe(path: Any, exc: Any) -> Exception:
+def invalid_recipe(path: Any, exc: Any) -> Exception:
     """mergekit's pydantic ValidationError as one RecipeError line: the first error's location
     and message, and how many more there are."""
     from mergekit_ctm.recipe.model import RecipeError
@@ -305,7 +307,7 @@ def wrap_run_yaml(module: Any) -> None:
             try:
                 return original(*args, **kwargs)
             except pydantic.ValidationError as exc:
-                raise _invalid_recipe(path, exc) from None
+                raise invalid_recipe(path, exc) from None
 
     setattr(callback, _MARK, original)
     command.callback = callback
@@ -330,7 +332,7 @@ def wrap_multimerge(module: Any) -> None:
             try:
                 return original(*args, **kwargs)
             except pydantic.ValidationError as exc:
-                raise _invalid_recipe(kwargs.get("config_file"), exc) from None
+                raise invalid_recipe(kwargs.get("config_file"), exc) from None
 
     setattr(callback, _MARK, original)
     command.callback = callback

@@ -175,15 +175,17 @@ def _outside(root: Path) -> dict[str, str]:
     return tree(root)
 
 
+@pytest.mark.parametrize("tool", ["mergekit-yaml", "mergekit-ctm"])
 @pytest.mark.parametrize("target", ["base", "task", "recipe-dir"])
-def test_full_model_output_never_overwrites_an_input(checkpoints, tmp_path, target):
+def test_full_model_output_never_overwrites_an_input(checkpoints, tmp_path, target, tool):
     """mergekit writes into the output as it goes: without our check `mergekit-yaml r.yml
     base/` overwrote the base's weights with the merge. Refused in one line, nothing read."""
     ck = checkpoints
     write_yaml(tmp_path / "r.yml", _recipe(ck, "ctm", {"base_rule": "ties", "rank": 4}))
     out = {"base": ck["base"], "task": ck["tasks"][1], "recipe-dir": tmp_path}[target]
     before = {p: _outside(p) for p in (ck["base"], *ck["tasks"], tmp_path)}
-    res = run_command([str(tmp_path / "r.yml"), str(out), "--quiet"], tmp_path)
+    sub = ["merge"] if tool == "mergekit-ctm" else []
+    res = run_command([*sub, str(tmp_path / "r.yml"), str(out), "--quiet"], tmp_path, tool)
     assert res.code == 2 and not res.traceback, (res.stderr, res.exception)
     assert "overwrit" in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert {p: _outside(p) for p in before} == before
