@@ -528,19 +528,13 @@ def write_metadata(
     inputs = _inputs(merge_config)
     ids = [_identity(m) for m in inputs]
     recipe = resolved_recipe(raw, seed, output_kind)
-    head = ["Written by mergekit-ctm.", card._versions_line(), f"random seed: {seed}"]
+    head = ["Written by mergekit-ctm.", card.versions_line(), f"random seed: {seed}"]
     head += [f"models[{i}] {m}: {ident}" for i, (m, ident) in enumerate(zip(inputs, ids))]
     config_yaml = yaml.safe_dump(recipe, sort_keys=False)
     with open(os.path.join(out, "mergekit_config.yml"), "w", encoding="utf-8") as f:
         f.write("".join(f"# {line}\n" for line in head) + config_yaml)
 
-    meta: dict[str, Any] = {}
-    if card.is_hub_id(base):
-        meta["base_model"] = base
     adapter = output_kind == "adapter"
-    if adapter:
-        meta["library_name"] = "peft"
-    meta["tags"] = ["mergekit", "merge", "mergekit-ctm", merge_config.merge_method]
     rule = (merge_config.parameters or {}).get("base_rule")
     how = (
         "merged with mergekit-ctm (a [mergekit](https://github.com/arcee-ai/mergekit) plugin) "
@@ -563,38 +557,17 @@ def write_metadata(
             f"This model is `{base}` plus the merged update of {len(inputs)} full fine-tunes, "
             f"{how}. Norms, biases, embeddings and `lm_head` take the base rule densely."
         )
-    lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False).rstrip(),
-        "---",
-        title,
-        "",
-        intro,
-        "",
-        f"Method: {method.citation}."
-        + (f" <{method.reference_url}>" if method.reference_url else ""),
-        "",
-        "## Inputs",
-        "",
-    ]
+    lines = card.card_head(base, adapter, merge_config.merge_method, title, intro)
     lines += [f"- `{m}` ({ident})" for m, ident in zip(inputs, ids)]
     if adapter:
         lines += _adapter_sections(result)
     seed_text = "none (neither `--random-seed` nor `random_seed:` given)" if seed is None else seed
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        f"Versions: {card._versions_line()}. Seed: {seed_text}.",
-        "",
+    lines += card.reproduce_lines(
+        seed_text,
         "With the same inputs: `mergekit-yaml mergekit_config.yml out/` (the seed is in it)."
         " The configuration:",
-        "",
-        "```yaml",
-        config_yaml.rstrip(),
-        "```",
-        "",
-    ]
+        config_yaml,
+    )
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 

@@ -105,13 +105,13 @@ def identities(plan: MergePlan) -> list[str]:
     return [input_identity(a.ref, a.path, a.files) for a in plan.adapters]
 
 
-def _versions_line() -> str:
+def versions_line() -> str:
     return ", ".join(f"{k} {v}" for k, v in versions().items())
 
 
 def config_text(plan: MergePlan, ids: Sequence[str]) -> str:
     """mergekit_config.yml: provenance as comments, then the resolved recipe."""
-    lines = ["Written by mergekit-ctm.", _versions_line()]
+    lines = ["Written by mergekit-ctm.", versions_line()]
     if base := base_identity(plan):
         lines.append(f"base_model {plan.base_model}: {base}")
     lines += [
@@ -119,6 +119,53 @@ def config_text(plan: MergePlan, ids: Sequence[str]) -> str:
     ]
     head = "".join(f"# {line}\n" for line in lines)
     return head + yaml.safe_dump(resolved_recipe(plan), sort_keys=False)
+
+
+def card_head(
+    base_model: str | None, adapter: bool, method: str, title: str, intro: str
+) -> list[str]:
+    """The first lines of every card of ours: Hub front matter (``base_model`` only for a hub
+    id, without its revision; ``library_name: peft`` for an adapter; tags), the title, the
+    intro, the method's citation and the Inputs heading."""
+    definition = METHODS[method]
+    meta: dict[str, Any] = {}
+    if is_hub_id(base_model):
+        meta["base_model"] = base_model.split("@")[0]  # the Hub's field takes no revision
+    if adapter:
+        meta["library_name"] = "peft"
+    meta["tags"] = ["mergekit", "merge", "mergekit-ctm", method]
+    return [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        "---",
+        title,
+        "",
+        intro,
+        "",
+        f"Method: {definition.citation}."
+        + (f" <{definition.reference_url}>" if definition.reference_url else ""),
+        "",
+        "## Inputs",
+        "",
+    ]
+
+
+def reproduce_lines(seed: Any, how: str, config_yaml: str) -> list[str]:
+    """The card's Reproduce section: versions, the seed, ``how`` to redo the merge, and the
+    configuration it ran."""
+    return [
+        "",
+        "## Reproduce",
+        "",
+        f"Versions: {versions_line()}. Seed: {seed}.",
+        "",
+        how,
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
 
 
 def model_card(
@@ -129,32 +176,18 @@ def model_card(
 ) -> str:
     """README.md with Hub front matter; ``ids``: :func:`identities`; ``zero``: modules whose
     merged update is zero (left out of the adapter)."""
-    method = METHODS[plan.method]
-    meta: dict[str, Any] = {}
-    if is_hub_id(plan.base_model):
-        meta["base_model"] = plan.base_model.split("@")[0]  # the Hub's field takes no revision
-    if plan.output == "adapter":
-        meta["library_name"] = "peft"
-    meta["tags"] = ["mergekit", "merge", "mergekit-ctm", plan.method]
     rule = f" with base rule `{plan.base_rule}`" if plan.base_rule else ""
     what = "LoRA adapter" if plan.output == "adapter" else "model (base model + merged LoRA update)"
     base = plan.base_model or "the adapters' base model"
-    lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False).rstrip(),
-        "---",
-        f"# {method.pretty_name} merge of {len(plan.adapters)} LoRA adapters",
-        "",
+    lines = card_head(
+        plan.base_model,
+        plan.output == "adapter",
+        plan.method,
+        f"# {METHODS[plan.method].pretty_name} merge of {len(plan.adapters)} LoRA adapters",
         f"This {what} for `{base}` was merged with mergekit-ctm (a "
         "[mergekit](https://github.com/arcee-ai/mergekit) plugin) using the "
         f"`{plan.method}` method{rule}.",
-        "",
-        f"Method: {method.citation}."
-        + (f" <{method.reference_url}>" if method.reference_url else ""),
-        "",
-        "## Inputs",
-        "",
-    ]
+    )
     if base_rev := base_identity(plan):
         lines.append(f"- base model `{plan.base_model}` ({base_rev})")
     for info, ident in zip(plan.adapters, ids):
@@ -172,18 +205,10 @@ def model_card(
             f"{', '.join(f'`{m}`' for m in zero)}.",
         ]
     seed = "none (`--random-seed` not given)" if plan.random_seed is None else plan.random_seed
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        f"Versions: {_versions_line()}. Seed: {seed}.",
-        "",
+    lines += reproduce_lines(
+        seed,
         "With the same inputs: `mergekit-yaml mergekit_config.yml out/`. The configuration, "
         "every parameter resolved:",
-        "",
-        "```yaml",
-        yaml.safe_dump(resolved_recipe(plan), sort_keys=False).rstrip(),
-        "```",
-        "",
-    ]
+        yaml.safe_dump(resolved_recipe(plan), sort_keys=False),
+    )
     return "\n".join(lines)
