@@ -132,17 +132,15 @@ class FullPlan:
 
 
 def _local_dir(ref: str) -> str | None:
-    """A local directory, or a hub id's snapshot in the local Hugging Face cache (offline)."""
+    """A local directory, or a hub id's snapshot in the local Hugging Face cache (offline);
+    None when it is neither."""
     if os.path.isdir(ref):
         return ref
-    repo, _, revision = ref.partition("@")
-    try:
-        import huggingface_hub
+    from mergekit_ctm.recipe.validate import cached_base_snapshot
 
-        return huggingface_hub.snapshot_download(
-            repo, revision=revision or None, local_files_only=True
-        )
-    except Exception:
+    try:
+        return cached_base_snapshot(ref)
+    except RecipeError:
         return None
 
 
