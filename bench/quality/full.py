@@ -44,7 +44,7 @@ from bench.quality.suite import (
     SuiteConfig,
     TaskData,
     build,
-    features,
+    fit,
     hash_str,
     load_heads,
     smoke_config,
@@ -96,23 +96,7 @@ def train_full(
     ]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=td.spec.lr * lr_factor, weight_decay=0.0)
-    n = td.ids["train"].shape[0]
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    w, b = head["weight"], head["bias"]
-    losses = []
-    for _ in range(td.spec.epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, cfg.batch_size):
-            j = perm[i : i + cfg.batch_size]
-            f = features(model, td.ids["train"][j], td.mask["train"][j])
-            loss = torch.nn.functional.cross_entropy(f @ w.T + b, td.y["train"][j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    model.eval()
+    losses = fit(cfg, model, params, td, head, seed, td.spec.lr * lr_factor)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(str(tmp), safe_serialization=True)
     os.replace(tmp, out)

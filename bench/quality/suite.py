@@ -350,6 +350,39 @@ def load_heads(root: Path, names: list[str]) -> dict[str, dict[str, torch.Tensor
     return {n: load_file(str(root / "heads" / f"{n}.safetensors")) for n in names}
 
 
+def fit(
+    cfg: SuiteConfig,
+    model: torch.nn.Module,
+    params: list[torch.Tensor],
+    td: TaskData,
+    head: dict[str, torch.Tensor],
+    seed: int,
+    lr: float,
+) -> list[float]:
+    """The suite's training protocol, shared by LoRAs and full fine-tunes: AdamW on ``params``
+    at ``lr`` without weight decay, the task's epochs in batches of ``cfg.batch_size``, data
+    order drawn from ``seed``, cross-entropy of the frozen head on the pooled features.
+    Leaves the model in eval mode; returns the loss of every step."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    n = td.ids["train"].shape[0]
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    w, b = head["weight"], head["bias"]
+    losses = []
+    for _ in range(td.spec.epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, cfg.batch_size):
+            j = perm[i : i + cfg.batch_size]
+            f = features(model, td.ids["train"][j], td.mask["train"][j])
+            loss = torch.nn.functional.cross_entropy(f @ w.T + b, td.y["train"][j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
 def train_lora(
     cfg: SuiteConfig,
     base_dir: Path,
@@ -373,23 +406,7 @@ def train_lora(
     )
     model = get_peft_model(base, lcfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=td.spec.lr, weight_decay=0.0)
-    n = td.ids["train"].shape[0]
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    w, b = head["weight"], head["bias"]
-    losses = []
-    for _ in range(td.spec.epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, cfg.batch_size):
-            j = perm[i : i + cfg.batch_size]
-            f = features(model, td.ids["train"][j], td.mask["train"][j])
-            loss = torch.nn.functional.cross_entropy(f @ w.T + b, td.y["train"][j])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss))
-    model.eval()
+    losses = fit(cfg, model, params, td, head, seed, td.spec.lr)
     model.save_pretrained(str(out))
     return {"final_loss": float(np.mean(losses[-10:])), "steps": len(losses)}
 
