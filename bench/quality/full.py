@@ -37,6 +37,7 @@ import torch
 
 from bench.quality import merge as mg
 from bench.quality.evaluate import Evaluator
+from bench.quality.run import start_run
 from bench.quality.search import MethodRunner, SearchResult
 from bench.quality.suite import (
     TARGET_MODULES,
@@ -47,7 +48,6 @@ from bench.quality.suite import (
     fit,
     hash_str,
     load_heads,
-    smoke_config,
 )
 
 FULL_VERSION = 1  # bump when the fine-tuning code changes in a way that changes outputs
@@ -312,19 +312,7 @@ def calibrate(args: argparse.Namespace, suite: Suite, log) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    cfg = smoke_config() if args.smoke else SuiteConfig(seeds=tuple(args.seeds))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "log.txt", "a")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
+    cfg, out, log = start_run(args)
     t0 = time.time()
     # base model and heads only: the full fine-tunes need no LoRA (seeds=() trains none)
     suite = build(

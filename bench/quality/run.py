@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,7 +43,9 @@ def individual_rows(ev: Evaluator, seed: int) -> dict[str, dict[str, float]]:
     return {t: ev.accuracies(ev.suite.adapter_dir(seed, t), "test")[0] for t in ev.names}
 
 
-def run(args: argparse.Namespace) -> dict:
+def start_run(args: argparse.Namespace) -> tuple[SuiteConfig, Path, Callable[[str], None]]:
+    """What every benchmark run does first: torch threads, quiet HF, the suite config
+    (``--smoke`` or ``--seeds``), the output folder, and ``log`` (stdout and log.txt)."""
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -56,6 +59,11 @@ def run(args: argparse.Namespace) -> dict:
         logf.write(msg + "\n")
         logf.flush()
 
+    return cfg, out, log
+
+
+def run(args: argparse.Namespace) -> dict:
+    cfg, out, log = start_run(args)
     t0 = time.time()
     suite = build(cfg, cache_root=Path(args.cache) if args.cache else None, log=log)
     build_s = time.time() - t0
