@@ -9,6 +9,7 @@ plausible-looking output. ``check_values`` streams a whole adapter the same way,
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -71,6 +72,11 @@ def read_safetensors_tensor(path: str, key: str) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
 
 
+# mergekit's LazyTensorLoader keeps one open shard per loader: the solve workers
+# (engine.merge_lora_many sources) take turns on it.
+_BIN_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=16)
 def _bin_loader(path: str):
     from mergekit.io import LazyTensorLoader, ShardedTensorIndex
@@ -83,7 +89,8 @@ def _load_raw(info: AdapterInfo, file: str, key: str) -> torch.Tensor:
     try:
         if file.endswith(".safetensors"):
             return read_safetensors_tensor(path, key)
-        return _bin_loader(path).get_tensor(key)
+        with _BIN_LOCK:
+            return _bin_loader(path).get_tensor(key)
     except Exception as e:
         raise AdapterError(
             f"adapter {info.ref!r}: cannot load tensor {key!r} from {path} ({type(e).__name__}: "

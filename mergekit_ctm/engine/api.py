@@ -8,7 +8,7 @@ as its Python spelling).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -140,6 +140,8 @@ def merge_lora(
 
 MAX_CHUNK = 16  # modules per batched solve; larger batches hold the GIL less per module
 
+Factors = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[float]]
+
 
 def available_cpus() -> int:
     """CPUs this process may run on: ``os.sched_getaffinity(0)`` (taskset, cpusets), else
@@ -151,7 +153,7 @@ def available_cpus() -> int:
 
 
 def merge_lora_many(
-    modules: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[float]]],
+    modules: Sequence[Factors | Callable[[], Factors]],
     *,
     seeds: Sequence[int | None] | None = None,
     method: str = "ctm",
@@ -172,20 +174,35 @@ def merge_lora_many(
     (and so does any torch thread count); each problem stops on its own criterion, so results
     equal per-module ``merge_lora`` calls up to floating-point rounding (its GEMMs use every
     thread). ``seeds``: one per module.
+
+    A module may also be given as a zero-argument callable returning its triple: it is called
+    on the worker that merges the module, just before its chunk is solved, so reading one
+    chunk's factors overlaps the other workers' solves (and only the chunks in flight are in
+    memory). Its errors propagate unchanged, the first chunk's first.
     """
     default_seed = params.pop("seed", None)
     seeds = list(seeds) if seeds is not None else [default_seed] * len(modules)
     _, p = _bind(method, params, dtype)
     if len(seeds) != len(modules):
         raise ValueError(f"got {len(seeds)} seeds for {len(modules)} modules")
-    for As, Bs, s in modules:
-        _check_inputs(As, Bs, s)
+    for module in modules:
+        if not callable(module):
+            _check_inputs(*module)
+
+    def factors(idx: range) -> dict[int, Factors]:
+        got = {i: modules[i]() if callable(modules[i]) else modules[i] for i in idx}
+        for i in idx:
+            if callable(modules[i]):
+                _check_inputs(*got[i])
+        return got
+
     if method == "ctm":
 
         def run(idx: range) -> list[MergedLora]:
-            live = [i for i in idx if not _all_zero(*modules[i])]
+            mods = factors(idx)
+            live = [i for i in idx if not _all_zero(*mods[i])]
             outs = run_ctm_many(
-                [modules[i] for i in live],
+                [mods[i] for i in live],
                 [seeds[i] for i in live],
                 p,
                 rule_params=rule_params,
@@ -195,15 +212,16 @@ def merge_lora_many(
             return [
                 _note_rank(done[i])
                 if i in done
-                else _zero_update(modules[i][0], modules[i][1], "ctm", p["rank"], dtype)
+                else _zero_update(mods[i][0], mods[i][1], "ctm", p["rank"], dtype)
                 for i in idx
             ]
     else:
 
         def run(idx: range) -> list[MergedLora]:
+            mods = factors(idx)
             return [
                 merge_lora(
-                    *modules[i],
+                    *mods[i],
                     method=method,
                     seed=seeds[i],
                     rule_params=rule_params,
@@ -213,8 +231,13 @@ def merge_lora_many(
                 for i in idx
             ]
 
-    on_cpu = all(t.device.type == "cpu" for As, Bs, _ in modules for t in (*As, *Bs))
-    if workers is None:
+    if workers is None:  # sources (callables) count as CPU inputs
+        on_cpu = all(
+            t.device.type == "cpu"
+            for module in modules
+            if not callable(module)
+            for t in (*module[0], *module[1])
+        )
         workers = torch.get_num_threads() if on_cpu else 1
     size = min(MAX_CHUNK, max(1, -(-len(modules) // (2 * max(workers, 1)))))
     chunks = [range(i, min(i + size, len(modules))) for i in range(0, len(modules), size)]

@@ -634,7 +634,7 @@ def run_full_adapter_merge(
     try:
         tasks = plan_full_adapter_tasks(merge_config, stage.path, options)
         executor = Executor(
-            targets=tasks,
+            targets=tasks[-1:],  # depends on every other task (see plan.run.execute_plan)
             math_device=options.device or "cpu",
             storage_device=(options.device or "cpu") if options.low_cpu_memory else "cpu",
         )

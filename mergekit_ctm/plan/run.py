@@ -22,7 +22,6 @@ from mergekit_ctm.plan.tasks import (
     ApplyDelta,
     FinalizeAdapter,
     LoadDense,
-    LoadFactors,
     MergeChunk,
     MergeDense,
     MergeModule,
@@ -63,15 +62,22 @@ def solve_workers(options: MergeOptions) -> int:
     intra-op thread, so the output bytes do not depend on this number."""
     from mergekit_ctm.engine.api import available_cpus
 
-    if str(options.device or "cpu") != "cpu":
+    if math_device(options) != "cpu":
         return 1
     return max(1, options.num_threads or available_cpus())
 
 
-def merge_tasks(plan: MergePlan, workers: int | None = None) -> dict[str, MergeModule]:
+def math_device(options: MergeOptions) -> str:
+    """The device the merge math runs on: ``--cuda`` / ``--device``, else the CPU."""
+    return str(options.device or "cpu")
+
+
+def merge_tasks(
+    plan: MergePlan, workers: int | None = None, device: str = "cpu"
+) -> dict[str, MergeModule]:
     """Module name -> its merge. Consecutive modules with identical parameters are solved
     together, at most MAX_CHUNK per batched engine call (memory stays a chunk's factors), on
-    ``workers`` threads (None: merge_lora_many's default)."""
+    ``workers`` threads (None: merge_lora_many's default), on the math ``device``."""
     from mergekit_ctm.engine.api import MAX_CHUNK
 
     chunks: list[list[Any]] = []
@@ -84,28 +90,17 @@ def merge_tasks(plan: MergePlan, workers: int | None = None) -> dict[str, MergeM
             chunks.append([module])
     out: dict[str, MergeModule] = {}
     for members in chunks:
-        label = f"chunk:{members[0].name}"
         chunk = MergeChunk(
-            label=label,
+            label=f"chunk:{members[0].name}",
             modules=tuple(m.name for m in members),
-            factors=tuple(
-                tuple(
-                    LoadFactors(
-                        adapter_path=plan.adapters[i].path,
-                        module=m.name,
-                        dtype=plan.dtype,
-                        group=label,
-                    )
-                    for i in m.adapters
-                )
-                for m in members
-            ),
+            adapters=tuple(tuple(plan.adapters[i].path for i in m.adapters) for m in members),
             method=plan.method,
             params=members[0].params,
             rule_params=members[0].rule_params,
             seeds=tuple(m.seed for m in members),
             dtype=plan.dtype,
             workers=workers,
+            device=device,
         )
         out.update({m.name: MergeModule(chunk=chunk, index=j) for j, m in enumerate(members)})
     return out
@@ -155,7 +150,7 @@ def plan_adapter_tasks(plan: MergePlan, out_path: str, options: MergeOptions) ->
     )
     saves: list[Task] = []
     ranks: list[ModuleRank] = []
-    merges = merge_tasks(plan, solve_workers(options))
+    merges = merge_tasks(plan, solve_workers(options), math_device(options))
     for module in plan.modules:
         merge = merges[module.name]
         transposed = stores_transposed(module)
@@ -269,7 +264,7 @@ def plan_model_tasks(plan: MergePlan, out_path: str, options: MergeOptions) -> l
     base = base_tensors(base_path)
     writer = model_writer(plan, out_path, options, names, base)
     by_weight: dict[str, Task] = {}
-    merges = merge_tasks(plan, solve_workers(options))
+    merges = merge_tasks(plan, solve_workers(options), math_device(options))
     for module in plan.modules:
         merge = merges[module.name]
         by_weight[module.weight_name] = ApplyDelta(
@@ -424,8 +419,11 @@ def execute_plan(
             targets = plan_adapter_tasks(plan, tmp, options)
         else:
             targets = plan_model_tasks(plan, tmp, options)
+        # The last task depends on every other one, so it alone is the Executor's target:
+        # mergekit tests each finished task for membership in the target *list* (a linear
+        # scan), 695k comparisons with all 513 tasks as targets in a 128-module merge.
         executor = Executor(
-            targets=targets,
+            targets=targets[-1:],
             math_device=options.device or "cpu",
             storage_device=(options.device or "cpu") if options.low_cpu_memory else "cpu",
         )

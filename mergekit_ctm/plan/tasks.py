@@ -2,8 +2,9 @@
 
 Per target module::
 
-    LoadFactors(adapter t, module) ×T ─► MergeModule ─► PeftFactor(A), PeftFactor(B) ─► SaveTensor
-                                                     └► ModuleRank ─► FinalizeAdapter
+    MergeChunk (≤ MAX_CHUNK modules: reads their factors, batched solve) ─► MergeModule
+        ─► PeftFactor(A), PeftFactor(B) ─► SaveTensor
+        └► ModuleRank ─► FinalizeAdapter
 
 Every field hashes and compares by value (strings, numbers, tuples), and tasks return tuples,
 so the Executor can deduplicate nodes and move tensors between devices. All tasks of one
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -79,47 +80,38 @@ def log_solve(module: str, info: dict[str, Any], params: dict[str, Any]) -> None
         )  # fmt: skip
 
 
-class LoadFactors(Task[tuple]):
-    """(A, B, scaling) of one adapter's module, in the base weight layout (ΔW = s·B·A)."""
-
-    adapter_path: str
-    module: str
-    dtype: str | None = None
-    group: str | None = None  # the chunk it feeds: loaded with it, not ahead of it
-
-    def arguments(self) -> dict[str, Task]:
-        return {}
-
-    def execute(self) -> tuple:
-        a, b, s = load_factors(
-            adapter_info(self.adapter_path), self.module, dtype=math_dtype(self.dtype)
-        )
-        return (a, b, float(s))
-
-    def group_label(self) -> str | None:
-        return self.group or self.module
-
-    def priority(self) -> int:
-        return -1000
+def load_module(
+    adapter_paths: tuple[str, ...], module: str, dtype: str | None, device: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """(As, Bs, scalings) of one module from each adapter that has it, in the base weight
+    layout (ΔWₜ = sₜ·Bₜ·Aₜ), on ``device``; NaN/Inf raises AdapterError naming the adapter."""
+    got = [
+        load_factors(adapter_info(p), module, device=device, dtype=math_dtype(dtype))
+        for p in adapter_paths
+    ]
+    return [a for a, _, _ in got], [b for _, b, _ in got], [float(s) for _, _, s in got]
 
 
 class MergeChunk(Task[tuple]):
     """engine.merge_lora_many over modules that share every parameter: one batched call, the
     core problems on worker threads that each run single-threaded (the bytes do not depend
-    on the thread count). Returns one (A, B, requested_rank) per module; ΔW = B A, scaling 1."""
+    on the thread count). Each worker reads its own modules' factors just before solving
+    them, so reading overlaps the other workers' solves and no factor is read ahead of its
+    chunk. Returns one (A, B, requested_rank) per module; ΔW = B A, scaling 1."""
 
     label: str
     modules: tuple[str, ...]
-    factors: tuple[tuple[LoadFactors, ...], ...]  # per module, per adapter that has it
+    adapters: tuple[tuple[str, ...], ...]  # per module, the adapter paths that have it
     method: str
     params: tuple[tuple[str, Any], ...]
     rule_params: tuple[tuple[str, Any], ...]
     seeds: tuple[int, ...]
     dtype: str | None = None
     workers: int | None = None  # solve threads (plan.run.solve_workers); bytes do not depend on it
+    device: str = "cpu"  # the math device (--cuda); factors are read straight onto it
 
     def arguments(self) -> dict[str, Task]:
-        return {f"m{j}_{i}": f for j, loads in enumerate(self.factors) for i, f in enumerate(loads)}
+        return {}
 
     def uses_accelerator(self) -> bool:
         return True
@@ -127,15 +119,15 @@ class MergeChunk(Task[tuple]):
     def group_label(self) -> str | None:
         return self.label
 
-    def execute(self, **kwargs: tuple) -> tuple:
+    def execute(self) -> tuple:
         from mergekit_ctm.engine import merge_lora_many
 
-        triples = []
-        for j, loads in enumerate(self.factors):
-            got = [kwargs[f"m{j}_{i}"] for i in range(len(loads))]
-            triples.append(([f[0] for f in got], [f[1] for f in got], [f[2] for f in got]))
+        sources = [
+            partial(load_module, paths, module, self.dtype, self.device)
+            for module, paths in zip(self.modules, self.adapters)
+        ]
         outs = merge_lora_many(
-            triples,
+            sources,
             seeds=list(self.seeds),
             method=self.method,
             rule_params=rule_kwargs(self.rule_params),

@@ -313,6 +313,44 @@ def test_merge_lora_many_workers_do_not_change_the_result(method):
         merge_lora_many(mods, seeds=[1, 2], **kw)
 
 
+@pytest.mark.parametrize("method", ["ctm", "mtc"])
+def test_merge_lora_many_reads_sources_on_its_workers(method):
+    """A module given as a callable is read by the worker that solves it, chunk by chunk:
+    the same bytes as the triples themselves, for any worker count; a source's error
+    reaches the caller unchanged, and bad factors from a source are refused as triples are."""
+    import threading
+
+    mods = [lora_factors(3, ranks=[3, 4, 2], seed=k) for k in range(10)]
+    kw = dict(method=method, rank=4, base_rule="dare_ties", rule_params={"density": 0.6})
+    seeds = list(range(10))
+    direct = merge_lora_many(mods, seeds=seeds, workers=2, **kw)
+    for workers in (1, 2, 3):
+        threads: dict[int, str] = {}
+
+        def source(k: int):
+            def read():
+                threads[k] = threading.current_thread().name
+                return mods[k]
+
+            return read
+
+        got = merge_lora_many([source(k) for k in range(10)], seeds=seeds, workers=workers, **kw)
+        assert sorted(threads) == list(range(10))
+        if workers > 1:  # read on the pool's threads, not ahead on the caller's
+            assert threading.current_thread().name not in threads.values()
+        for a, b in zip(direct, got):
+            assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B), workers
+
+    def broken():
+        raise OSError("adapter 3: short read")
+
+    with pytest.raises(OSError, match="adapter 3: short read"):
+        merge_lora_many([lambda: mods[0], broken], seeds=[0, 1], workers=2, **kw)
+    As, Bs, s = mods[0]
+    with pytest.raises(ValueError, match="adapter 1"):
+        merge_lora_many([lambda: (As, [Bs[0], Bs[1][:-1], Bs[2]], s)], **kw)
+
+
 def test_bad_inputs_raise_clear_errors():
     As, Bs, s = lora_factors(2, ranks=3)
     with pytest.raises(ValueError, match="adapter 1"):

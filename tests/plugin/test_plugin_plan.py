@@ -7,7 +7,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_ctm.engine.api import MAX_CHUNK
 from mergekit_ctm.plan.run import merge_tasks, plan_adapter_tasks
-from mergekit_ctm.plan.tasks import LoadFactors, MergeChunk
+from mergekit_ctm.plan.tasks import MergeChunk
 from mergekit_ctm.recipe import build_plan
 
 
@@ -19,7 +19,7 @@ def _walk(task, seen):
         _walk(dep, seen)
 
 
-def test_chunks_group_equal_parameters_and_loads_follow_their_chunk(example, tmp_path):
+def test_chunks_group_equal_parameters_and_read_their_own_factors(example, tmp_path):
     text = write_recipe(
         tmp_path / "r.yml", example, "ctm", parameters={"rank": 4, "beta": [0.2, 0.8]}
     ).read_text()  # a gradient: beta differs between the two layers' modules
@@ -32,14 +32,20 @@ def test_chunks_group_equal_parameters_and_loads_follow_their_chunk(example, tmp
         assert len(params) == 1
     assert sorted(n for c in chunks for n in c.modules) == sorted(m.name for m in plan.modules)
     assert len(chunks) >= 2
+    by_name = {m.name: m for m in plan.modules}
     seen: dict = {}
     for task in plan_adapter_tasks(plan, str(tmp_path / "out"), MergeOptions()):
         _walk(task, seen)
-    for chunk in (t for t in seen.values() if isinstance(t, MergeChunk)):
-        loads = [f for per in chunk.factors for f in per]
-        assert loads and all(isinstance(f, LoadFactors) for f in loads)
-        # read with their chunk, not scheduled ahead of it (memory stays one chunk's)
-        assert {f.group_label() for f in loads} == {chunk.group_label()}
+    found = [t for t in seen.values() if isinstance(t, MergeChunk)]
+    assert len(found) == len(chunks)
+    for chunk in found:
+        # a chunk depends on no task: it reads its modules' factors itself, on the workers
+        # that solve them, so nothing is read ahead of its chunk (memory stays a chunk's)
+        assert chunk.arguments() == {}
+        assert chunk.adapters == tuple(
+            tuple(plan.adapters[i].path for i in by_name[m].adapters) for m in chunk.modules
+        )
+        assert chunk.device == "cpu"
 
 
 def test_solve_workers_come_from_j_or_the_cpus_this_process_may_use(example, tmp_path, monkeypatch):
