@@ -327,9 +327,9 @@ def test_merge_lora_many_reads_sources_on_its_workers(method):
     for workers in (1, 2, 3):
         threads: dict[int, str] = {}
 
-        def source(k: int):
+        def source(k: int, seen: dict[int, str] = threads):
             def read():
-                threads[k] = threading.current_thread().name
+                seen[k] = threading.current_thread().name
                 return mods[k]
 
             return read
