@@ -8,8 +8,9 @@ as its Python spelling).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -180,6 +181,74 @@ def merge_lora_many(
     chunk's factors overlaps the other workers' solves (and only the chunks in flight are in
     memory). Its errors propagate unchanged, the first chunk's first.
     """
+    run, chunks, workers = _many(modules, seeds, method, workers, rule_params, dtype, params)
+    if workers == 1:
+        with tiny_cpu_ops(torch.device("cpu")):  # the same one-thread kernels as the workers
+            return [o for idx in chunks for o in run(idx)]
+    with tiny_cpu_ops(torch.device("cpu")), ThreadPoolExecutor(workers) as pool:
+        return PendingMerge([pool.submit(run, idx) for idx in chunks]).result()
+
+
+def submit_lora_many(
+    pool: ThreadPoolExecutor,
+    modules: Sequence[Factors | Callable[[], Factors]],
+    *,
+    seeds: Sequence[int | None] | None = None,
+    method: str = "ctm",
+    workers: int | None = None,
+    rule_params: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    **params: Any,
+) -> PendingMerge:
+    """``merge_lora_many`` queued on ``pool`` (:func:`solve_pool`), returning at once.
+
+    The chunks are cut for ``workers`` threads as merge_lora_many cuts them and run in the
+    order queued, so calls queued one after another keep every worker busy across calls
+    (one call's last chunks overlap the next one's first) and give the bytes merge_lora_many
+    gives. Parameter errors raise here; input errors (and a source's) from ``result()``.
+    """
+    run, chunks, _ = _many(modules, seeds, method, workers, rule_params, dtype, params)
+    return PendingMerge([pool.submit(run, idx) for idx in chunks])
+
+
+class PendingMerge:
+    """Queued chunks of a :func:`submit_lora_many` call."""
+
+    def __init__(self, futures: list[Future]) -> None:
+        self._futures = futures
+
+    def result(self) -> list[MergedLora]:
+        """One MergedLora per module, in order; waits for every chunk, then raises the first
+        chunk's error if any failed (so no chunk is still running when it raises)."""
+        wait(self._futures)
+        return [o for f in self._futures for o in f.result()]
+
+    def cancel(self) -> None:
+        """Drop the chunks no worker has started (the running ones finish)."""
+        for f in self._futures:
+            f.cancel()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def solve_pool(workers: int) -> ThreadPoolExecutor:
+    """The process-wide pool of ``workers`` solve threads (one per count, made on first use);
+    each runs on one intra-op thread, so the bytes do not depend on the pool."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(
+                max(1, workers), thread_name_prefix="mergekit-ctm-solve"
+            )
+        return pool
+
+
+def _many(modules, seeds, method, workers, rule_params, dtype, params):
+    """(run, chunks, workers) of merge_lora_many: ``run(chunk)`` merges one chunk of module
+    indices on the calling thread, single-threaded."""
+    params = dict(params)
     default_seed = params.pop("seed", None)
     seeds = list(seeds) if seeds is not None else [default_seed] * len(modules)
     _, p = _bind(method, params, dtype)
@@ -241,12 +310,7 @@ def merge_lora_many(
         workers = torch.get_num_threads() if on_cpu else 1
     size = min(MAX_CHUNK, max(1, -(-len(modules) // (2 * max(workers, 1)))))
     chunks = [range(i, min(i + size, len(modules))) for i in range(0, len(modules), size)]
-    workers = max(1, min(workers, len(chunks)))
-    if workers == 1:
-        with tiny_cpu_ops(torch.device("cpu")):  # the same one-thread kernels as the workers
-            return [o for idx in chunks for o in run(idx)]
-    with tiny_cpu_ops(torch.device("cpu")), ThreadPoolExecutor(workers) as pool:
-        return [o for out in pool.map(_single_threaded(run), chunks) for o in out]
+    return _single_threaded(run), chunks, max(1, min(workers, len(chunks)))
 
 
 def _single_threaded(fn):

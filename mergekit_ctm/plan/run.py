@@ -27,6 +27,7 @@ from mergekit_ctm.plan.tasks import (
     MergeModule,
     ModuleRank,
     PeftFactor,
+    cancel_queued_on_error,
 )
 from mergekit_ctm.recipe import MergePlan, build_plan
 
@@ -89,9 +90,12 @@ def merge_tasks(
         else:
             chunks.append([module])
     out: dict[str, MergeModule] = {}
-    for members in chunks:
+    after = None
+    for k, members in enumerate(chunks):
+        label = f"chunk:{k:06d}:{members[0].name}"  # the Executor orders groups by label
         chunk = MergeChunk(
-            label=f"chunk:{members[0].name}",
+            label=label,
+            after=after,
             modules=tuple(m.name for m in members),
             adapters=tuple(tuple(plan.adapters[i].path for i in m.adapters) for m in members),
             method=plan.method,
@@ -103,6 +107,7 @@ def merge_tasks(
             device=device,
         )
         out.update({m.name: MergeModule(chunk=chunk, index=j) for j, m in enumerate(members)})
+        after = label
     return out
 
 
@@ -435,7 +440,7 @@ def execute_plan(
         # thread: with several OpenMP threads on a busy machine they stall (a float64 sum of
         # one 16 x 4096 factor: 2-10 ms on 2 threads, 0.05 ms on 1; bench/e2e.py). The solves
         # run on solve_workers() one-thread workers.
-        with tiny_cpu_ops(torch.device("cpu")):
+        with tiny_cpu_ops(torch.device("cpu")), cancel_queued_on_error():
             for task, value in executor.run(quiet=options.quiet, desc="mergekit-ctm"):
                 if isinstance(task, FinalizeAdapter):
                     result = value

@@ -14,8 +14,11 @@ factors are freed once saved: memory does not grow with the number of layers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import lru_cache, partial
 from typing import Any
 
@@ -92,14 +95,38 @@ def load_module(
     return [a for a, _, _ in got], [b for _, b, _ in got], [float(s) for _, _, s in got]
 
 
-class MergeChunk(Task[tuple]):
-    """engine.merge_lora_many over modules that share every parameter: one batched call, the
-    core problems on worker threads that each run single-threaded (the bytes do not depend
-    on the thread count). Each worker reads its own modules' factors just before solving
-    them, so reading overlaps the other workers' solves and no factor is read ahead of its
-    chunk. Returns one (A, B, requested_rank) per module; ΔW = B A, scaling 1."""
+_QUEUED: ContextVar[list | None] = ContextVar("mergekit_ctm_queued", default=None)
+
+
+@contextlib.contextmanager
+def cancel_queued_on_error() -> Iterator[None]:
+    """Run a merge's Executor in this block: if it fails (or Ctrl-C), the chunks MergeChunk
+    queued and no worker has started yet are dropped instead of running on in the
+    background (the running ones finish)."""
+    queued: list = []
+    token = _QUEUED.set(queued)
+    try:
+        yield
+    except BaseException:
+        for pending in queued:
+            pending.cancel()
+        raise
+    finally:
+        _QUEUED.reset(token)
+
+
+class MergeChunk(Task[Any]):
+    """engine.submit_lora_many over modules that share every parameter: batched calls, the
+    core problems on the process-wide solve threads (engine.solve_pool), each single-threaded
+    (the bytes do not depend on the thread count). Each worker reads its own modules' factors
+    just before solving them, so reading overlaps the other workers' solves and no factor is
+    read ahead of its chunk. The task returns at once with the queued merge (PendingMerge),
+    which the chunk's MergeModules wait on; it is scheduled with the chunk before it
+    (``after``), so the workers go on with it while the Executor saves that one: at most two
+    chunks are in memory. ΔW = B A per module, scaling 1."""
 
     label: str
+    after: str | None = None  # the previous chunk's label: scheduled in that group
     modules: tuple[str, ...]
     adapters: tuple[tuple[str, ...], ...]  # per module, the adapter paths that have it
     method: str
@@ -117,27 +144,33 @@ class MergeChunk(Task[tuple]):
         return True
 
     def group_label(self) -> str | None:
-        return self.label
+        return self.after or self.label
 
-    def execute(self) -> tuple:
-        from mergekit_ctm.engine import merge_lora_many
+    def priority(self) -> int:
+        return 1  # before the tasks of the group it joins, which wait on the chunk before
 
+    def execute(self) -> Any:
+        from mergekit_ctm.engine.api import available_cpus, solve_pool, submit_lora_many
+
+        workers = self.workers or (available_cpus() if self.device == "cpu" else 1)
         sources = [
             partial(load_module, paths, module, self.dtype, self.device)
             for module, paths in zip(self.modules, self.adapters)
         ]
-        outs = merge_lora_many(
+        pending = submit_lora_many(
+            solve_pool(workers),
             sources,
             seeds=list(self.seeds),
             method=self.method,
             rule_params=rule_kwargs(self.rule_params),
             dtype=math_dtype(self.dtype),
-            workers=self.workers,
+            workers=workers,
             **dict(self.params),
         )
-        for module, out in zip(self.modules, outs):
-            log_solve(module, out.info, dict(self.params))
-        return tuple((out.A, out.B, int(out.requested_rank)) for out in outs)
+        queued = _QUEUED.get()
+        if queued is not None:
+            queued.append(pending)
+        return pending
 
 
 class MergeModule(Task[tuple]):
@@ -156,8 +189,10 @@ class MergeModule(Task[tuple]):
     def group_label(self) -> str | None:
         return self.chunk.label
 
-    def execute(self, chunk: tuple) -> tuple:
-        return chunk[self.index]
+    def execute(self, chunk: Any) -> tuple:
+        out = chunk.result()[self.index]
+        log_solve(self.module, out.info, dict(self.chunk.params))
+        return (out.A, out.B, int(out.requested_rank))
 
 
 class PeftFactor(Task[torch.Tensor]):

@@ -8,6 +8,7 @@ convention: eigenvectors of the problem, canonical signs (largest |entry| positi
 from __future__ import annotations
 
 import math
+from concurrent.futures import CancelledError
 
 import pytest
 import torch
@@ -349,6 +350,43 @@ def test_merge_lora_many_reads_sources_on_its_workers(method):
     As, Bs, s = mods[0]
     with pytest.raises(ValueError, match="adapter 1"):
         merge_lora_many([lambda: (As, [Bs[0], Bs[1][:-1], Bs[2]], s)], **kw)
+
+
+def test_submitted_merges_queue_on_one_pool_and_cancel_what_has_not_started():
+    """submit_lora_many returns at once; calls queued one after another on one pool give the
+    bytes of merge_lora_many; cancel() drops the chunks no worker has started."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mergekit_ctm.engine.api import submit_lora_many
+
+    mods = [lora_factors(3, ranks=[3, 4, 2], seed=k) for k in range(8)]
+    kw = dict(method="ctm", rank=4, base_rule="dare_ties", rule_params={"density": 0.6})
+    want = merge_lora_many(mods, seeds=list(range(8)), workers=2, **kw)
+    with ThreadPoolExecutor(2) as pool:
+        first = submit_lora_many(pool, mods[:5], seeds=list(range(5)), workers=2, **kw)
+        second = submit_lora_many(pool, mods[5:], seeds=list(range(5, 8)), workers=2, **kw)
+        for a, b in zip(want, first.result() + second.result()):
+            assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+
+    gate, read = threading.Event(), []
+
+    def source(k: int, seen: list = read):
+        def get():
+            seen.append(k)
+            if k == 0:
+                assert gate.wait(10)
+            return mods[k]
+
+        return get
+
+    with ThreadPoolExecutor(1) as pool:  # chunks of 4 for one worker: [0..3], [4..7]
+        pending = submit_lora_many(pool, [source(k) for k in range(8)], workers=1, **kw)
+        pending.cancel()  # the first chunk is running (blocked at module 0), the second waits
+        gate.set()
+        with pytest.raises(CancelledError):
+            pending.result()
+    assert read == [0, 1, 2, 3]
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -420,7 +420,9 @@ CASES: list[Case] = [
         mkdir_out,
         130,
         ("interrupted",),
-        fault=fail_in("mergekit_ctm.engine:merge_lora_many", KeyboardInterrupt()),
+        fault=fail_in(
+            "mergekit_ctm.engine.api:run_ctm_many", KeyboardInterrupt()
+        ),  # on a solve worker
     ),
     Case(
         "fault-io-error-reading",

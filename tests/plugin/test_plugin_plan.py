@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import write_recipe
 from mergekit.options import MergeOptions
 
@@ -71,3 +72,32 @@ def test_solve_workers_come_from_j_or_the_cpus_this_process_may_use(example, tmp
         _walk(task, seen)
     chunks = [t for t in seen.values() if isinstance(t, MergeChunk)]
     assert chunks and {c.workers for c in chunks} == {4}
+
+
+def test_a_failing_chunk_stops_the_merge_and_later_chunks_are_never_read(
+    example, tmp_path, monkeypatch
+):
+    """Chunks are queued one ahead of the Executor: an error in one reaches the caller
+    unchanged, the chunks after the next one are never read, and nothing is written."""
+    import mergekit_ctm.engine.api as api
+    import mergekit_ctm.plan.tasks as tasks
+    from mergekit_ctm.plan.run import run_adapter_merge
+
+    monkeypatch.setattr(api, "MAX_CHUNK", 1)  # one module per chunk
+    text = write_recipe(tmp_path / "r.yml", example, "ctm", parameters={"rank": 4}).read_text()
+    plan = build_plan(text)
+    assert len(plan.modules) >= 4
+    real, read = tasks.load_module, []
+
+    def load(paths, module, dtype, device):
+        read.append(module)
+        if module == plan.modules[0].name:
+            raise OSError("adapter 0: short read")
+        return real(paths, module, dtype, device)
+
+    monkeypatch.setattr(tasks, "load_module", load)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="adapter 0: short read"):
+        run_adapter_merge(text, str(out), MergeOptions(quiet=True, num_threads=1))
+    assert not out.exists()
+    assert set(read) <= {m.name for m in plan.modules[:2]}  # the failing chunk and the next
