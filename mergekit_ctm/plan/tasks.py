@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
 from functools import lru_cache, partial
@@ -95,7 +96,7 @@ def load_module(
     return [a for a, _, _ in got], [b for _, b, _ in got], [float(s) for _, _, s in got]
 
 
-_QUEUED: ContextVar[list | None] = ContextVar("mergekit_ctm_queued", default=None)
+_QUEUED: ContextVar[weakref.WeakSet | None] = ContextVar("mergekit_ctm_queued", default=None)
 
 
 @contextlib.contextmanager
@@ -103,12 +104,12 @@ def cancel_queued_on_error() -> Iterator[None]:
     """Run a merge's Executor in this block: if it fails (or Ctrl-C), the chunks MergeChunk
     queued and no worker has started yet are dropped instead of running on in the
     background (the running ones finish)."""
-    queued: list = []
+    queued: weakref.WeakSet = weakref.WeakSet()  # not the results: the Executor frees those
     token = _QUEUED.set(queued)
     try:
         yield
     except BaseException:
-        for pending in queued:
+        for pending in list(queued):
             pending.cancel()
         raise
     finally:
@@ -169,7 +170,7 @@ class MergeChunk(Task[Any]):
         )
         queued = _QUEUED.get()
         if queued is not None:
-            queued.append(pending)
+            queued.add(pending)
         return pending
 
 

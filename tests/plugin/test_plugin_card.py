@@ -127,3 +127,18 @@ def test_mergekit_yaml_same_bytes_for_any_j(example, tmp_path):
         run_cli(tool("mergekit-yaml"), str(recipe), str(out), "--quiet", "--random-seed", "3", *j)
         got.append(_files(out))
     assert got[0] == got[1] == got[2]
+
+
+def test_sha256_file_streams_through_one_small_buffer(tmp_path):
+    """The card's input hash equals hashlib's over the whole file, for sizes around the
+    buffer (a fresh 16 MiB bytes object per read once kept 32 MiB alive while merging)."""
+    import hashlib
+    import os
+
+    from mergekit_ctm.plan.card import sha256_file
+
+    for size in (0, 1, 4095, 4096, 3 * 4096 + 7):
+        path = tmp_path / f"f{size}"
+        data = os.urandom(size)
+        path.write_bytes(data)
+        assert sha256_file(str(path), chunk=4096) == hashlib.sha256(data).hexdigest()
