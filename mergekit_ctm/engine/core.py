@@ -77,7 +77,7 @@ class CoreSpace:
         return self.B_cat @ self.coef_B.to(self.B_cat.dtype)
 
     def V_A(self) -> torch.Tensor:
-        return self.A_cat.mT @ self.coef_A.to(self.A_cat.dtype)
+        return (self.coef_A.to(self.A_cat.dtype).mT @ self.A_cat).mT  # row-major A_cat: 2× faster
 
     def canonicalize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Form U_B, V_A with canonical column signs (linalg.canonical_signs) and flip P, Q."""

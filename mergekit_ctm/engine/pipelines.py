@@ -74,7 +74,7 @@ def _ctm_finish(
 ) -> MergedLora:
     """Lift U, V (step 4), coordinates Oₜ = UᵀΔWₜV (5), merge (6), lift back (7)."""
     U = cs.B_cat @ (cs.coef_B @ sol.U).to(dtype)  # n × r, U = U_B U_core
-    V = cs.A_cat.mT @ (cs.coef_A @ sol.V).to(dtype)  # m × r
+    V = ((cs.coef_A @ sol.V).to(dtype).mT @ cs.A_cat).mT  # m × r, as (Xᵀ A_cat)ᵀ: 2× faster
     su, sv = canonical_signs(U), canonical_signs(V)
     U, V = U * su, V * sv
     Uc, Vc = sol.U * su.to(F64), sol.V * sv.to(F64)
