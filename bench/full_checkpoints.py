@@ -59,6 +59,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.compress import realistic_delta  # noqa: E402
+from bench.rss import CHILD_PRELUDE  # noqa: E402
 
 N_TASKS = 3
 REL_DELTA = 0.02  # ‖ΔW‖_F / ‖W_base‖_F of a projection
@@ -379,42 +380,26 @@ def speed(args, log=print) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Memory
 
-CHILD = r"""
-import json, sys, threading, time
-def status():
-    out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            out[k] = int(v.split()[0])
-    return out
+CHILD = (
+    CHILD_PRELUDE
+    + r"""
+import json
 import torch, yaml, mergekit_ctm, mergekit.merge  # noqa: F401
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 recipe, out, shard = sys.argv[1], sys.argv[2], int(sys.argv[3])
-peak = {"RssAnon": 0, "RssFile": 0}
-done = False
-def sample():
-    while not done:
-        s = status()
-        for k in peak:
-            peak[k] = max(peak[k], s[k])
-        time.sleep(0.01)
-base = status()
-th = threading.Thread(target=sample, daemon=True)
-th.start()
 text = open(recipe).read()
-run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out,
-          MergeOptions(quiet=True, **({"out_shard_size": shard} if shard else {})),
-          config_source=text)
-done = True
-th.join()
+with PeakSampler(0.01) as s:
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out,
+              MergeOptions(quiet=True, **({"out_shard_size": shard} if shard else {})),
+              config_source=text)
 end = status()
-print(json.dumps({"baseline_kib": base["VmHWM"], "peak_kib": end["VmHWM"],
-                  "anon_base_kib": base["RssAnon"], "anon_peak_kib": peak["RssAnon"],
-                  "file_base_kib": base["RssFile"], "file_peak_kib": peak["RssFile"]}))
+print(json.dumps({"baseline_kib": s.base["VmHWM"], "peak_kib": end["VmHWM"],
+                  "anon_base_kib": s.base["RssAnon"], "anon_peak_kib": s.peak["RssAnon"],
+                  "file_base_kib": s.base["RssFile"], "file_peak_kib": s.peak["RssFile"]}))
 """
+)
 
 
 def memory_one(args, layers: int, log=print) -> dict:

@@ -21,17 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-CHILD = r"""
-import json, sys, threading, time
-def status():
-    out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmHWM", "RssAnon", "RssFile"):
-            out[k] = int(v.split()[0]) * 1024
-    return out
-def hwm():
-    return status()["VmHWM"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.rss import CHILD_PRELUDE  # noqa: E402
+
+CHILD = (
+    CHILD_PRELUDE
+    + r"""
+import json, time
 import torch, yaml, mergekit.merge, mergekit_ctm  # noqa: F401
 from mergekit.common import parse_kmb
 from mergekit.config import MergeConfiguration
@@ -48,28 +44,19 @@ if out == "-":
     print(json.dumps({"estimate": plan.peak_bytes(), "model": plan.output_bytes(),
                       "seconds": time.time() - t0}))
 else:
-    base = status()
-    peak = {"RssAnon": 0, "RssFile": 0}
-    done = False
-    def sample():
-        while not done:
-            now = status()
-            for k in peak:
-                peak[k] = max(peak[k], now[k])
-            time.sleep(0.005)
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
     t0 = time.time()
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out,
-              options=MergeOptions(quiet=True, out_shard_size=parse_kmb(shard)),
-              config_source=text)
+    with PeakSampler() as s:
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out,
+                  options=MergeOptions(quiet=True, out_shard_size=parse_kmb(shard)),
+                  config_source=text)
     secs = time.time() - t0
-    done = True
-    th.join()
-    print(json.dumps({"measured": hwm() - base["VmHWM"], "seconds": secs,
-                      "anon": peak["RssAnon"] - base["RssAnon"],
-                      "file": peak["RssFile"] - base["RssFile"]}))
+    kib = 1024  # this bench reports bytes
+    print(json.dumps({"measured": (status()["VmHWM"] - s.base["VmHWM"]) * kib,
+                      "seconds": secs,
+                      "anon": (s.peak["RssAnon"] - s.base["RssAnon"]) * kib,
+                      "file": (s.peak["RssFile"] - s.base["RssFile"]) * kib}))
 """
+)
 
 
 def build(root: Path, hidden: int, layers: int, tasks: int) -> None:

@@ -28,37 +28,33 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
-# VmHWM (peak RSS of this process image) rather than ru_maxrss, which Linux carries over
-# from the parent across fork + exec.
-CHILD = r"""
-import json, sys
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from bench.rss import CHILD_PRELUDE  # noqa: E402
+
+CHILD = (
+    CHILD_PRELUDE
+    + r"""
+import json
 import torch, mergekit.merge  # noqa: F401
 from mergekit.options import MergeOptions
 from mergekit_ctm.plan.run import run_adapter_merge
 recipe, out = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
-base = hwm()
+base = status()["VmHWM"]
 text = open(recipe).read()
 run_adapter_merge(text, out, MergeOptions(quiet=True), config_source=text)
-print(json.dumps({"baseline_kib": base, "peak_kib": hwm()}))
+print(json.dumps({"baseline_kib": base, "peak_kib": status()["VmHWM"]}))
 """
+)
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-MODEL_CHILD = r"""
-import json, sys, threading, time
-def status():
-    out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmHWM", "RssAnon", "RssFile"):
-            out[k] = int(v.split()[0])
-    return out
+MODEL_CHILD = (
+    CHILD_PRELUDE
+    + r"""
+import json, time
 import torch, mergekit.merge  # noqa: F401
 from mergekit.io.tasks import TensorWriterTask
 from mergekit.options import MergeOptions
@@ -72,28 +68,17 @@ if mode == "shard10B":
 if mode == "mergekit-writer":  # the same plan, written by mergekit's TensorWriter
     stream.StreamingWriterTask = lambda out_path, max_shard_size, layout: TensorWriterTask(
         out_path=out_path, max_shard_size=max_shard_size)
-base = status()
-peak = {"RssAnon": 0, "RssFile": 0}
-done = False
-def sample():
-    while not done:
-        now = status()
-        for k in peak:
-            peak[k] = max(peak[k], now[k])
-        time.sleep(0.01)
-th = threading.Thread(target=sample, daemon=True)
-th.start()
 text = open(recipe).read()
 t0 = time.time()
-run_adapter_merge(text, out, MergeOptions(**opts), config_source=text)
+with PeakSampler(0.01) as s:
+    run_adapter_merge(text, out, MergeOptions(**opts), config_source=text)
 secs = time.time() - t0
-done = True
-th.join()
-print(json.dumps({"baseline_kib": base["VmHWM"], "peak_kib": status()["VmHWM"],
-                  "anon_base_kib": base["RssAnon"], "anon_peak_kib": peak["RssAnon"],
-                  "file_base_kib": base["RssFile"], "file_peak_kib": peak["RssFile"],
+print(json.dumps({"baseline_kib": s.base["VmHWM"], "peak_kib": status()["VmHWM"],
+                  "anon_base_kib": s.base["RssAnon"], "anon_peak_kib": s.peak["RssAnon"],
+                  "file_base_kib": s.base["RssFile"], "file_peak_kib": s.peak["RssFile"],
                   "seconds": secs}))
 """
+)
 
 
 def make_adapters(root: str, layers: int, hidden: int, rank: int, count: int) -> list[str]:

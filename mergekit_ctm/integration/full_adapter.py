@@ -43,7 +43,7 @@ from mergekit_ctm.adapters.writer import (
     peft_tensor_names,
 )
 from mergekit_ctm.plan import card, output, stream
-from mergekit_ctm.plan.tasks import close_adapter_files
+from mergekit_ctm.plan.tasks import close_adapter_files, finalize_arguments
 from mergekit_ctm.recipe.model import RecipeError
 
 LOG = logging.getLogger(__name__)
@@ -283,11 +283,9 @@ class FinalizeFullAdapter(Task[dict]):
     out_path: str
 
     def arguments(self) -> dict[str, Task]:
-        args: dict[str, Task] = {"writer": self.writer_task}
-        args.update({f"_save_{i}": t for i, t in enumerate(self.save_tasks)})
-        args.update({f"rank_{i}": t for i, t in enumerate(self.rank_tasks)})
-        args.update({f"drop_{i}": t for i, t in enumerate(self.dropped_tasks)})
-        return args
+        return finalize_arguments(
+            self.writer_task, self.save_tasks, self.rank_tasks, drop=self.dropped_tasks
+        )
 
     def main_thread_only(self) -> bool:
         return True
@@ -616,7 +614,7 @@ def run_full_adapter_merge(
     (staged; nothing appears unless everything succeeded)."""
     from mergekit.config import MergeConfiguration
 
-    from mergekit_ctm.plan.run import _check_device
+    from mergekit_ctm.plan.run import check_device
     from mergekit_ctm.recipe.validate import check_full_checkpoint_recipe
 
     options = options or MergeOptions()
@@ -625,7 +623,7 @@ def run_full_adapter_merge(
     if not isinstance(merge_config, MergeConfiguration):
         merge_config = MergeConfiguration.model_validate(raw)
     output.check_output_path(out_path, full_inputs(merge_config, recipe_path))
-    _check_device(options)
+    check_device(options)
     if options.random_seed is not None:
         import transformers
 

@@ -393,7 +393,7 @@ def _log_plan(plan: MergePlan) -> None:
         LOG.debug("%s: ranks %s -> %s", m.name, ranks, rank if rank is not None else sum(m.ranks))
 
 
-def _check_device(options: MergeOptions) -> None:
+def check_device(options: MergeOptions) -> None:
     """--cuda (or --device cuda) on a machine without CUDA: one line, before any work."""
     import torch
 
@@ -414,7 +414,7 @@ def execute_plan(
     a new directory appears whole, an existing one gets only our files, each replaced
     atomically)."""
     check_output_path(out_path, plan_inputs(plan, recipe_path))
-    _check_device(options)
+    check_device(options)
     warn_unused_options(options, plan.output)
     _log_plan(plan)
     stage = output.stage(out_path)

@@ -311,6 +311,19 @@ class MergeDense(Task[torch.Tensor]):
         return ref + merged
 
 
+def finalize_arguments(
+    writer: Task, saves: tuple[Task, ...], ranks: tuple[Task, ...], **more: tuple[Task, ...]
+) -> dict[str, Task]:
+    """Arguments of a task that closes an adapter: the writer, every save (so it runs last),
+    every rank task as ``rank_i``, and each group of ``more`` as ``<name>_i``."""
+    args: dict[str, Task] = {"writer": writer}
+    args.update({f"_save_{i}": t for i, t in enumerate(saves)})
+    args.update({f"rank_{i}": t for i, t in enumerate(ranks)})
+    for name, tasks in more.items():
+        args.update({f"{name}_{i}": t for i, t in enumerate(tasks)})
+    return args
+
+
 def close_adapter_files(
     writer: Any, out_path: str, produced: list[tuple[str, int, Any]], nothing: str
 ) -> dict[str, int]:
@@ -339,10 +352,7 @@ class FinalizeAdapter(Task[dict]):
     out_path: str
 
     def arguments(self) -> dict[str, Task]:
-        args: dict[str, Task] = {"writer": self.writer_task}
-        args.update({f"_save_{i}": t for i, t in enumerate(self.save_tasks)})
-        args.update({f"rank_{i}": t for i, t in enumerate(self.rank_tasks)})
-        return args
+        return finalize_arguments(self.writer_task, self.save_tasks, self.rank_tasks)
 
     def main_thread_only(self) -> bool:
         return True
