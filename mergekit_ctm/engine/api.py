@@ -202,12 +202,13 @@ def submit_lora_many(
 ) -> PendingMerge:
     """``merge_lora_many`` queued on ``pool`` (:func:`solve_pool`), returning at once.
 
-    The chunks are cut for ``workers`` threads as merge_lora_many cuts them and run in the
-    order queued, so calls queued one after another keep every worker busy across calls
-    (one call's last chunks overlap the next one's first) and give the bytes merge_lora_many
-    gives. Parameter errors raise here; input errors (and a source's) from ``result()``.
+    The modules are cut into one chunk per worker (at most MAX_CHUNK modules each) and run
+    in the order queued, so calls queued one after another keep every worker busy across
+    calls (one call's last chunks overlap the next one's first); the bytes are
+    merge_lora_many's, which do not depend on how modules are chunked. Parameter errors
+    raise here; input errors (and a source's) from ``result()``.
     """
-    run, chunks, _ = _many(modules, seeds, method, workers, rule_params, dtype, params)
+    run, chunks, _ = _many(modules, seeds, method, workers, rule_params, dtype, params, 1)
     return PendingMerge([pool.submit(run, idx) for idx in chunks])
 
 
@@ -245,9 +246,11 @@ def solve_pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
-def _many(modules, seeds, method, workers, rule_params, dtype, params):
+def _many(modules, seeds, method, workers, rule_params, dtype, params, per_worker: int = 2):
     """(run, chunks, workers) of merge_lora_many: ``run(chunk)`` merges one chunk of module
-    indices on the calling thread, single-threaded."""
+    indices on the calling thread, single-threaded. Chunks: at most MAX_CHUNK modules, at
+    least ``per_worker`` per worker (two balance the workers of one call; queued calls are
+    balanced by the next call's chunks, and one bigger batch per worker is ~10 % faster)."""
     params = dict(params)
     default_seed = params.pop("seed", None)
     seeds = list(seeds) if seeds is not None else [default_seed] * len(modules)
@@ -308,7 +311,7 @@ def _many(modules, seeds, method, workers, rule_params, dtype, params):
             for t in (*module[0], *module[1])
         )
         workers = torch.get_num_threads() if on_cpu else 1
-    size = min(MAX_CHUNK, max(1, -(-len(modules) // (2 * max(workers, 1)))))
+    size = min(MAX_CHUNK, max(1, -(-len(modules) // (per_worker * max(workers, 1)))))
     chunks = [range(i, min(i + size, len(modules))) for i in range(0, len(modules), size)]
     return _single_threaded(run), chunks, max(1, min(workers, len(chunks)))
 

@@ -352,7 +352,7 @@ def test_merge_lora_many_reads_sources_on_its_workers(method):
         merge_lora_many([lambda: (As, [Bs[0], Bs[1][:-1], Bs[2]], s)], **kw)
 
 
-def test_submitted_merges_queue_on_one_pool_and_cancel_what_has_not_started():
+def test_submitted_merges_queue_on_one_pool_and_cancel_what_has_not_started(monkeypatch):
     """submit_lora_many returns at once; calls queued one after another on one pool give the
     bytes of merge_lora_many; cancel() drops the chunks no worker has started."""
     import threading
@@ -380,7 +380,10 @@ def test_submitted_merges_queue_on_one_pool_and_cancel_what_has_not_started():
 
         return get
 
-    with ThreadPoolExecutor(1) as pool:  # chunks of 4 for one worker: [0..3], [4..7]
+    import mergekit_ctm.engine.api as api
+
+    monkeypatch.setattr(api, "MAX_CHUNK", 4)
+    with ThreadPoolExecutor(1) as pool:  # chunks [0..3], [4..7]
         pending = submit_lora_many(pool, [source(k) for k in range(8)], workers=1, **kw)
         pending.cancel()  # the first chunk is running (blocked at module 0), the second waits
         gate.set()
