@@ -614,9 +614,10 @@ def run_full_adapter_merge(
     (staged; nothing appears unless everything succeeded)."""
     from mergekit.config import MergeConfiguration
 
-    from mergekit_ctm.plan.run import check_device
+    from mergekit_ctm.plan.run import check_device, skip_final_collection
     from mergekit_ctm.recipe.validate import check_full_checkpoint_recipe
 
+    skip_final_collection()
     options = options or MergeOptions()
     raw = _raw_recipe(merge_config, config_source)
     check_full_checkpoint_recipe({**raw, "output": "adapter"})
@@ -683,6 +684,9 @@ def run_full_model_merge(
     Hub whether a relative local path is a repository, a traceback when offline."""
     from mergekit.config import MergeConfiguration
 
+    from mergekit_ctm.plan.run import skip_final_collection
+
+    skip_final_collection()
     raw = _raw_recipe(merge_config, config_source)
     if not isinstance(merge_config, MergeConfiguration):
         merge_config = MergeConfiguration.model_validate(raw)
