@@ -192,3 +192,28 @@ def test_mergekit_ctm_merge_command(example, tmp_path):
     run_cli(tool("mergekit-ctm"), "merge", str(recipe), str(out), "--quiet")
     _, got = peft_deltas(example["base"], str(out))
     assert_deltas_close(got, engine_deltas(recipe.read_text()))
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_merge_skips_pythons_final_collection_only_at_exit(example, tmp_path, merge):
+    """After one of our merges, the interpreter's exit (not the merge) freezes the collector,
+    so the final collection skips torch's, transformers' and mergekit's objects (1.2 s of
+    every mergekit-yaml run, bench/e2e.py). Without a merge of ours nothing is frozen."""
+    import subprocess
+    import sys
+
+    recipe = write_recipe(tmp_path / "r.yml", example, "ctm", parameters={"rank": 4})
+    code = f"""
+import atexit, gc, sys
+atexit.register(lambda: print("frozen at exit", gc.get_freeze_count() > 0))  # runs last
+import mergekit_ctm
+from mergekit.options import MergeOptions
+from mergekit_ctm.plan.run import run_adapter_merge
+if {merge}:
+    text = open({str(recipe)!r}).read()
+    run_adapter_merge(text, {str(tmp_path / "out")!r}, MergeOptions(quiet=True))
+print("frozen after the merge", gc.get_freeze_count() > 0)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "frozen after the merge False" in res.stdout
+    assert f"frozen at exit {merge}" in res.stdout
