@@ -38,6 +38,14 @@ def tiny_cpu_ops(device: torch.device, size: int = 0) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+def mm_tall(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a tall, narrow result (rows ≫ columns), computed as (bᵀ aᵀ)ᵀ and returned as
+    that transposed view. Same product; on the CPU, MKL's float64 GEMMs with 16–32 output
+    columns ran at 10–14 GFLOP/s on the development machine (AMD EPYC), 2–2.5× slower than
+    the transposed product with its wide output (docs/benchmarks.md, "Engine speed")."""
+    return (b.mT @ a.mT).mT
+
+
 def canonical_signs(X: torch.Tensor) -> torch.Tensor:
     """Return ±1 per column so that each column's largest-magnitude entry becomes positive.
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergekit_ctm.engine.linalg import F64, tiny_cpu_ops, top_eigh
+from mergekit_ctm.engine.linalg import F64, mm_tall, tiny_cpu_ops, top_eigh
 
 INNER_STEPS = 100  # cap on Rayleigh–Ritz steps per half-sweep (reached only with tiny gaps)
 OP_FLOPS = 40_000  # per-call overhead of a small torch op in flops (≈ 4 µs on one core)
@@ -121,10 +121,10 @@ def _update(
     Yt = ((V.mT @ Qc).view(b, -1, T, k).transpose(1, 2) @ Pt).reshape(b, -1, N1)  # Yᵀ
     todo = None  # None: every item still iterating (no masking needed)
     if budget > 0:
-        YtU = torch.bmm(Yt, U)
+        YtU = mm_tall(Yt, U)
         f = theta2 = torch.zeros(b, dtype=Yt.dtype, device=Yt.device)
         for step in range(min(budget, INNER_STEPS) + 1):
-            GU = torch.bmm(Yt.mT, YtU)
+            GU = mm_tall(Yt.mT, YtU)
             if step:  # items already invariant keep their U, so batching changes nothing
                 # U holds Ritz vectors, UᵀG U = diag(θ): ‖G U − U UᵀG U‖² = ‖G U‖² − Σθ²
                 g2 = (GU * GU).sum((-2, -1))
@@ -135,12 +135,12 @@ def _update(
                 if step == budget or step == INNER_STEPS:
                     break
             K = torch.linalg.qr(torch.cat([U, GU], dim=-1)).Q
-            Z = torch.bmm(Yt, K)  # Yᵀ K (b, T·r, |K|)
+            Z = mm_tall(Yt, K)  # Yᵀ K (b, T·r, |K|)
             evals, W = torch.linalg.eigh(
                 torch.bmm(Z.mT, Z)
             )  # ascending; the top r in any order will do
             W, evals = W[..., -r:], evals[..., -r:]
-            new = (torch.bmm(K, W), torch.bmm(Z, W), evals.sum(-1), (evals * evals).sum(-1))
+            new = (mm_tall(K, W), mm_tall(Z, W), evals.sum(-1), (evals * evals).sum(-1))
             if todo is None or bool(todo.all()):
                 U, YtU, f, theta2 = new
             else:
