@@ -76,9 +76,10 @@ def math_device(options: MergeOptions) -> str:
 def merge_tasks(
     plan: MergePlan, workers: int | None = None, device: str = "cpu"
 ) -> dict[str, MergeModule]:
-    """Module name -> its merge. Consecutive modules with identical parameters are solved
-    together, at most MAX_CHUNK per batched engine call (memory stays a chunk's factors), on
-    ``workers`` threads (None: merge_lora_many's default), on the math ``device``."""
+    """Module name -> its merge. Consecutive modules with identical parameters form a chunk of
+    at most MAX_CHUNK, solved in batched engine calls on ``workers`` threads (None: the CPUs
+    this process may use) on the math ``device``; each chunk is scheduled with the one before
+    it, so memory stays two chunks' factors."""
     from mergekit_ctm.engine.api import MAX_CHUNK
 
     chunks: list[list[Any]] = []
