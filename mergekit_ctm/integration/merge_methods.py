@@ -12,6 +12,7 @@ being imported (it imports mergekit's registry, whose import runs our registrati
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 from typing import Any, Optional
 
 import torch
@@ -28,11 +29,14 @@ from mergekit_ctm.engine import matrix_rules
 from mergekit_ctm.engine.methods import CHECKPOINT_PARAMETERS, METHODS
 
 
+@lru_cache(maxsize=1)
 def _rule_parameters() -> tuple[ParameterSpec, ...]:
     """Every base rule's parameters once, with mergekit's scopes (a full checkpoint's base is
     a real input), ``lambda`` left to the method. Optional, default null: rules differ in
     their defaults (``normalize`` is off for task_arithmetic, on for ties), so an unset
-    value must reach the kernel as unset and take the chosen rule's own default."""
+    value must reach the kernel as unset and take the chosen rule's own default. Computed
+    once for the three methods that take a base rule (each copy builds pydantic validators:
+    start-up time of every mergekit-yaml run)."""
     from mergekit_ctm.engine.rules import rule_names, rule_parameter_specs
 
     seen: dict[str, ParameterSpec] = {}
