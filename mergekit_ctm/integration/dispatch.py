@@ -278,8 +278,11 @@ def invalid_recipe(path: Any, exc: Any) -> Exception:
     return RecipeError(f"{path}: invalid recipe: {loc}: {first.get('msg')}{more}")
 
 
-def wrap_run_yaml(module: Any) -> None:
-    """Make ``mergekit-yaml`` (mergekit.scripts.run_yaml.main) fail in one line (idempotent)."""
+def _wrap_command(module: Any, prog: str, first: Any = None) -> None:
+    """Wrap ``module.main``'s click callback (idempotent): errors end in one line
+    (``errors.one_line_errors``), and a pydantic ValidationError from mergekit names the
+    recipe file. ``first(path, kwargs)``, when given, runs before mergekit's callback and
+    returns ``(True, result)`` to answer the command itself."""
     command = module.main
     original = command.callback
     if hasattr(original, _MARK):
@@ -292,18 +295,11 @@ def wrap_run_yaml(module: Any) -> None:
         from mergekit_ctm.errors import one_line_errors
 
         path = kwargs.get("config_file")
-        with one_line_errors("mergekit-yaml"):
-            if isinstance(path, str):
-                try:
-                    with open(path, encoding="utf-8") as f:
-                        text = f.read()
-                except (OSError, UnicodeDecodeError) as exc:
-                    from mergekit_ctm.recipe.model import RecipeError
-
-                    raise RecipeError(f"cannot read recipe {path!r}: {exc}") from None
-                check_recipe_text(text, path)
-                if is_adapter_recipe(load_yaml(text, path)):
-                    return _run_adapter_recipe(text, path, kwargs)
+        with one_line_errors(prog):
+            if first is not None:
+                done, result = first(path, kwargs)
+                if done:
+                    return result
             try:
                 return original(*args, **kwargs)
             except pydantic.ValidationError as exc:
@@ -313,26 +309,30 @@ def wrap_run_yaml(module: Any) -> None:
     command.callback = callback
 
 
+def _adapter_recipe_first(path: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    """mergekit-yaml: read and check the recipe; an adapter recipe goes to our planner."""
+    if not isinstance(path, str):
+        return False, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        from mergekit_ctm.recipe.model import RecipeError
+
+        raise RecipeError(f"cannot read recipe {path!r}: {exc}") from None
+    check_recipe_text(text, path)
+    if is_adapter_recipe(load_yaml(text, path)):
+        return True, _run_adapter_recipe(text, path, kwargs)
+    return False, None
+
+
+def wrap_run_yaml(module: Any) -> None:
+    """Make ``mergekit-yaml`` (mergekit.scripts.run_yaml.main) fail in one line (idempotent)."""
+    _wrap_command(module, "mergekit-yaml", _adapter_recipe_first)
+
+
 def wrap_multimerge(module: Any) -> None:
     """Make ``mergekit-multi`` (mergekit.scripts.multimerge.main) end a bad stage in one line
     (idempotent): exit 2 for bad input (our recipe checks, mergekit's validation errors),
     1 for an OS error. Stages run through ``run_merge``, hence our dispatch."""
-    command = module.main
-    original = command.callback
-    if hasattr(original, _MARK):
-        return
-
-    @functools.wraps(original)
-    def callback(*args: Any, **kwargs: Any) -> Any:
-        import pydantic
-
-        from mergekit_ctm.errors import one_line_errors
-
-        with one_line_errors("mergekit-multi"):
-            try:
-                return original(*args, **kwargs)
-            except pydantic.ValidationError as exc:
-                raise invalid_recipe(kwargs.get("config_file"), exc) from None
-
-    setattr(callback, _MARK, original)
-    command.callback = callback
+    _wrap_command(module, "mergekit-multi")
