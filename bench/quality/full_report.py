@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.quality.report import ms
+
 PRETTY_RULE = {"task_arithmetic": "TA", "ties": "TIES", "dare_ties": "DARE-TIES"}
 
 
@@ -31,15 +33,6 @@ def load(results_dir: Path) -> dict:
                 else:
                     cur[k] = v
     return combined
-
-
-def ms(xs: list[float], scale: float = 100.0) -> str:
-    xs = [x for x in xs if x == x]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return f"{scale * xs[0]:.2f}"
-    return f"{scale * np.mean(xs):.2f} ± {scale * np.std(xs, ddof=1):.2f}"
 
 
 def pretty(key: str) -> str:

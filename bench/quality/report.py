@@ -45,13 +45,14 @@ def load_results(results_dir: Path) -> dict:
     return combined
 
 
-def _ms(xs: list[float]) -> str:
+def ms(xs: list[float], scale: float = 100.0) -> str:
+    """Mean ± sample std of ``scale``·xs over seeds, NaNs dropped ("n/a" if none)."""
     xs = [x for x in xs if x == x]
     if not xs:
         return "n/a"
     if len(xs) == 1:
-        return f"{100 * xs[0]:.2f}"
-    return f"{100 * np.mean(xs):.2f} ± {100 * np.std(xs, ddof=1):.2f}"
+        return f"{scale * xs[0]:.2f}"
+    return f"{scale * np.mean(xs):.2f} ± {scale * np.std(xs, ddof=1):.2f}"
 
 
 def _method_order(keys: set[str]) -> list[tuple[str, list[str]]]:
@@ -319,14 +320,14 @@ def _main_table(res: dict, S: dict, seeds: list[str], tasks: list[str], keys: se
     hdr = "| Method | " + " | ".join(tasks) + " | Avg | chosen (seed " + seeds[0] + ") |"
     L.append(hdr)
     L.append("|" + "---|" * (len(tasks) + 3))
-    absr = [_ms([S[s]["lora_test"][t] for s in seeds]) for t in tasks]
+    absr = [ms([S[s]["lora_test"][t] for s in seeds]) for t in tasks]
     L.append("| LoRA's absolute accuracy | " + " | ".join(absr) + " | | |")
     base = [[S[s]["base_test"][t] / S[s]["lora_test"][t] for s in seeds] for t in tasks]
     L.append(
         "| Base model (+ task heads) | "
-        + " | ".join(_ms(b) for b in base)
+        + " | ".join(ms(b) for b in base)
         + " | "
-        + _ms([np.mean([b[i] for b in base]) for i in range(len(seeds))])
+        + ms([np.mean([b[i] for b in base]) for i in range(len(seeds))])
         + " | |"
     )
     if all("individual_test" in S[s] for s in seeds):
@@ -338,9 +339,9 @@ def _main_table(res: dict, S: dict, seeds: list[str], tasks: list[str], keys: se
             ]
             L.append(
                 f"| LoRA `{src}` alone | "
-                + " | ".join(_ms([r[t] for r in rows]) for t in tasks)
+                + " | ".join(ms([r[t] for r in rows]) for t in tasks)
                 + " | "
-                + _ms([float(np.mean(list(r.values()))) for r in rows])
+                + ms([float(np.mean(list(r.values()))) for r in rows])
                 + " | |"
             )
     for group, ks in _method_order(keys):
@@ -358,7 +359,7 @@ def _main_table(res: dict, S: dict, seeds: list[str], tasks: list[str], keys: se
                     + f" | failed | {err[:80].replace('|', '/')} |"
                 )
                 continue
-            cells = [_ms([r["test_norm"][t] for r in ok]) for t in tasks]
+            cells = [ms([r["test_norm"][t] for r in ok]) for t in tasks]
             r0 = rows[0] or {}
             hp = dict(r0.get("hp", {}))
             hp["λ"] = round(r0.get("lam", float("nan")), 3)
@@ -366,7 +367,7 @@ def _main_table(res: dict, S: dict, seeds: list[str], tasks: list[str], keys: se
                 f"| {pretty(k)} | "
                 + " | ".join(cells)
                 + " | "
-                + _ms([r["test_avg"] for r in ok])
+                + ms([r["test_avg"] for r in ok])
                 + f" | {hp} |"
             )
     L.append("")
@@ -424,7 +425,7 @@ def _sweep_section(S: dict, seeds: list[str], figs: dict) -> list[str]:
                 L.append(
                     f"| {pretty(k)} | "
                     + " | ".join(
-                        _ms(
+                        ms(
                             [
                                 S[s]["sweep"][k].get(str(r), {}).get("test_avg", float("nan"))
                                 for s in sw_seeds

@@ -92,6 +92,21 @@ def _merge(ck: dict, tmp: Path, name: str, recipe: dict, *extra: str) -> Path:
     return tmp / name
 
 
+def _assert_same_forward(peft_model, out_m: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PEFT model (base + merged adapter) and the merged full model give the same logits;
+    returns the input ids and the full model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = AutoModelForCausalLM.from_pretrained(out_m, dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = peft_model(input_ids=ids).logits, full(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return ids, want
+
+
 def _lora_deltas(base: Path, out: Path) -> tuple[object, dict[str, torch.Tensor]]:
     """PeftModel.from_pretrained(base, out) and each module's ΔW as PEFT computes it."""
     from peft import PeftModel
@@ -120,8 +135,6 @@ CASES = [
 @pytest.mark.parametrize("params,per_model", CASES, ids=["ties", "dare_ties"])
 def test_adapter_forward_equals_model_forward(linear_only, tmp_path, params, per_model):
     """The issue's check: the adapter's forward through PEFT equals the full model's."""
-    from transformers import AutoModelForCausalLM
-
     ck = linear_only
     seed = ("--random-seed", "7")  # DARE draws: the same per-tensor seeds in both outputs
     out_a = _merge(ck, tmp_path, "adapter", _recipe(ck, params, per_model, "adapter"), *seed)
@@ -145,13 +158,7 @@ def test_adapter_forward_equals_model_forward(linear_only, tmp_path, params, per
     for name in set(base) - set(deltas):  # nothing else moved in these fine-tunes
         assert torch.equal(model[name], base[name]), name
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = AutoModelForCausalLM.from_pretrained(out_m, dtype=torch.float32).eval()
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        got, want = peft_model(input_ids=ids).logits, full(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _assert_same_forward(peft_model, out_m)
 
     if params["base_rule"] == "ties":  # deterministic rule: an independent float64 check
         for name, got in deltas.items():
@@ -302,8 +309,6 @@ def test_modules_to_save_keeps_embeddings_lm_head_and_norms(dense, tmp_path):
     """modules_to_save: [embed_tokens, lm_head, norm] (PEFT's matching: every module whose
     path ends so): the adapter then carries the whole merge, and its forward equals the
     output: model forward even though norms and embeddings moved in the fine-tunes."""
-    from transformers import AutoModelForCausalLM
-
     ck = dense
     params = {"base_rule": "ties", "rank": 8, "beta": 0.5}
     per = {"weight": 1.0, "density": 0.5}
@@ -319,13 +324,7 @@ def test_modules_to_save_keeps_embeddings_lm_head_and_norms(dense, tmp_path):
     assert "modules_to_save:" in (out_a / "mergekit_config.yml").read_text()
 
     peft_model, _ = _lora_deltas(ck["base"], out_a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = AutoModelForCausalLM.from_pretrained(out_m, dtype=torch.float32).eval()
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        got, want = peft_model(input_ids=ids).logits, full(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    ids, want = _assert_same_forward(peft_model, out_m)
     # without modules_to_save the same adapter misses the moved norms and embeddings
     out_b = _merge(ck, tmp_path, "b", _recipe(ck, params, per, "adapter"))
     lora_only, _ = _lora_deltas(ck["base"], out_b)

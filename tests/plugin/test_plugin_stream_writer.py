@@ -37,6 +37,22 @@ def _write(path, tensors: dict[str, torch.Tensor], max_shard: int, seed: int) ->
     writer.finalize()
 
 
+def _assert_same_files(ref, got) -> list[str]:
+    """``got`` holds the files of ``ref``: shards byte for byte, indexes with the same weight
+    map and total size (their other metadata may differ). Returns the sorted file names."""
+    names = sorted(p.name for p in ref.iterdir())
+    assert sorted(p.name for p in got.iterdir()) == names
+    for name in names:
+        want, have = ref / name, got / name
+        if name.endswith(".json"):
+            w, g = json.loads(want.read_text()), json.loads(have.read_text())
+            assert g["weight_map"] == w["weight_map"]
+            assert g["metadata"]["total_size"] == w["metadata"]["total_size"]
+        else:
+            assert have.read_bytes() == want.read_bytes(), name
+    return names
+
+
 def test_one_shard_is_the_bytes_safetensors_writes(tmp_path):
     tensors = _tensors()
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
@@ -61,17 +77,8 @@ def test_shards_and_index_are_mergekits(tmp_path, max_shard):
         ref.save_tensor(k, v)
     ref.finalize()
     _write(tmp_path / "got", tensors, max_shard, 3)
-    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
-    assert sorted(p.name for p in (tmp_path / "got").iterdir()) == names
+    names = _assert_same_files(tmp_path / "ref", tmp_path / "got")
     assert len(names) > 2 if max_shard < 10**6 else names == ["model.safetensors"]
-    for name in names:
-        want, got = (tmp_path / "ref" / name), (tmp_path / "got" / name)
-        if name.endswith(".json"):
-            w, g = json.loads(want.read_text()), json.loads(got.read_text())
-            assert g["weight_map"] == w["weight_map"]
-            assert g["metadata"]["total_size"] == w["metadata"]["total_size"]
-        else:
-            assert got.read_bytes() == want.read_bytes(), name
 
 
 def test_unplanned_wrong_missing_and_twice_are_errors(tmp_path):
@@ -117,16 +124,7 @@ def test_reshard_joins_small_shards_into_mergekits_shards(tmp_path, target):
     assert len(list((tmp_path / "got").glob("*.safetensors"))) > 10
     assert reshard(str(tmp_path / "got"), target)
     mergekit_writes(tmp_path / "ref", target)
-    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
-    assert sorted(p.name for p in (tmp_path / "got").iterdir()) == names
-    for name in names:
-        want, got = (tmp_path / "ref" / name), (tmp_path / "got" / name)
-        if name.endswith(".json"):
-            w, g = json.loads(want.read_text()), json.loads(got.read_text())
-            assert g["weight_map"] == w["weight_map"]
-            assert g["metadata"]["total_size"] == w["metadata"]["total_size"]
-        else:
-            assert got.read_bytes() == want.read_bytes(), name
+    names = _assert_same_files(tmp_path / "ref", tmp_path / "got")
     if names == ["model.safetensors"]:  # one shard, no index: nothing to join
         assert not reshard(str(tmp_path / "got"), target)
         assert sorted(p.name for p in (tmp_path / "got").iterdir()) == names
